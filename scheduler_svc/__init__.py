@@ -1,0 +1,1 @@
+"""tinyvllm scheduler: the public gRPC service that owns every sequence, its KV blocks and the batches."""

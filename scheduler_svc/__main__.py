@@ -1,0 +1,39 @@
+"""`python -m scheduler_svc --worker HOST:PORT`: the public tinyvllm API in front of one worker."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from scheduler_svc.engine import Engine
+from scheduler_svc.server import serve
+from shared.service import setup_logging
+
+
+async def run(args: argparse.Namespace) -> None:
+    engine = Engine(args.worker)
+    await engine.start(connect_timeout_s=args.connect_timeout)
+    server, _ = await serve(engine, args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2)
+    await engine.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--worker", default="127.0.0.1:50061", help="the worker's address")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=50051)
+    ap.add_argument("--connect-timeout", type=float, default=900.0, help="seconds to wait for the worker to be ready")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args()
+    setup_logging(args.log_level)
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""One request's state, owned by the scheduler: tokens, KV progress, block table, stop logic and its stream."""
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scheduler_svc.block_manager import BlockTable
+from scheduler_svc.tokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Finish(enum.IntEnum):
+    """Mirrors tinyvllm.v1.FinishReason."""
+
+    NONE = 0
+    STOP = 1
+    LENGTH = 2
+    ABORT = 3
+
+
+@dataclass
+class Sampling:
+    """Validated sampling parameters with vLLM's defaults applied."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None  # 32 bits; the engine draws one when the request gave none
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+@dataclass
+class Delta:
+    """What a stream sends next: new ids, new text, and the finish reason once finished."""
+
+    token_ids: list[int]
+    text: str
+    finish: Finish = Finish.NONE
+    stop_reason: str = ""
+
+
+@dataclass(eq=False)  # identity semantics: sequences live in sets and lists
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    max_length: int  # prompt + output may not exceed this (context length, KV capacity)
+    detokenizer: IncrementalDetokenizer
+    table_width: int
+    eos_ids: frozenset[int]
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose K/V are in the worker's cache
+    blocks: BlockTable = field(default_factory=BlockTable)
+    finish: Finish = Finish.NONE
+    stop_reason: str = ""
+    text: str = ""  # output text so far, stop strings cut
+    emitted_chars: int = 0
+    num_preemptions: int = 0
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt_ids)  # prompt + output, what the KV cache must hold
+        self.table_row = np.zeros(self.table_width, dtype=np.int32)  # the block table as the worker sees it
+
+    # ---- progress ----------------------------------------------------------------------------------------------
+    @property
+    def num_pending(self) -> int:
+        """Tokens that must still go through the model before the next one can be sampled."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_pending > 1
+
+    @property
+    def remaining(self) -> int:
+        return min(self.sampling.max_tokens - len(self.output_ids), self.max_length - len(self.tokens))
+
+    def sync_table_row(self) -> None:
+        ids = self.blocks.block_ids
+        self.table_row[:len(ids)] = ids
+        self.table_row[len(ids):] = 0
+
+    def reset_for_recompute(self) -> None:
+        """Preempted or worker lost: KV is gone, the tokens stay; they are prefilled again later."""
+        self.num_computed = 0
+        self.status = Status.WAITING
+        self.num_preemptions += 1
+
+    # ---- new tokens ---------------------------------------------------------------------------------------------
+    def append(self, new_ids: list[int]) -> Delta | None:
+        """Accepts sampled ids up to the first that ends the sequence; returns what to stream (None if nothing).
+
+        Ids are taken one at a time so that a multi-step call's tokens after a stop are discarded, exactly as if
+        the steps had run one by one."""
+        accepted: list[int] = []
+        for tok in new_ids:
+            accepted.append(tok)
+            self.output_ids.append(tok)
+            self.tokens.append(tok)
+            if len(self.output_ids) >= self.sampling.min_tokens:
+                if tok in self.sampling.stop_token_ids:
+                    self.finish, self.stop_reason = Finish.STOP, str(tok)
+                elif tok in self.eos_ids and not self.sampling.ignore_eos:
+                    self.finish = Finish.STOP
+            if not self.finish and self.remaining <= 0:
+                self.finish = Finish.LENGTH
+            text_delta = self.detokenizer.push([tok], final=bool(self.finish))
+            self.text += text_delta
+            if self.sampling.stop and text_delta and self._cut_at_stop_string(len(text_delta)):
+                self.finish = Finish.STOP
+            if self.finish:
+                break
+        return self._take_delta(accepted)
+
+    def _cut_at_stop_string(self, delta_len: int) -> bool:
+        longest = max(map(len, self.sampling.stop))
+        start = max(0, len(self.text) - delta_len - longest + 1)
+        hits = [(i, s) for s in self.sampling.stop if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        self.text, self.stop_reason = self.text[:index], stop
+        return True
+
+    def _held_back(self) -> int:
+        """Characters at the end that could be the start of a stop string: not streamed until resolved."""
+        if self.finish or not self.sampling.stop:
+            return 0
+        tail = self.text[self.emitted_chars:]
+        for n in range(min(len(tail), max(map(len, self.sampling.stop)) - 1), 0, -1):
+            if any(s.startswith(tail[-n:]) for s in self.sampling.stop):
+                return n
+        return 0
+
+    def _take_delta(self, accepted: list[int]) -> Delta | None:
+        end = len(self.text) - self._held_back()
+        text = self.text[self.emitted_chars:end] if end > self.emitted_chars else ""
+        self.emitted_chars = max(self.emitted_chars, end)
+        if not accepted and not text and not self.finish:
+            return None
+        return Delta(token_ids=accepted, text=text, finish=self.finish, stop_reason=self.stop_reason)
+
+    def abort(self, reason: str = "") -> Delta:
+        self.finish, self.stop_reason = Finish.ABORT, reason
+        return Delta(token_ids=[], text="", finish=Finish.ABORT, stop_reason=reason)

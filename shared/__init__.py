@@ -1,0 +1,1 @@
+"""Code that both services (and the tests and benchmarks) import."""

@@ -1,0 +1,1 @@
+"""tinyvllm worker: model weights and KV cache resident on one accelerator, replayed decode graphs."""

@@ -1,0 +1,58 @@
+"""`python -m worker_svc --model DIR`: load a checkpoint onto DEV's accelerator and serve it to a scheduler."""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from shared.service import setup_logging
+from worker_svc.engine import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES, WorkerEngine, WorkerOptions
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """"1x128,4x128" -> [(1, 128), (4, 128)]: prefill buckets as rows x tokens."""
+    out = []
+    for part in text.split(","):
+        rows, tokens = part.lower().split("x")
+        out.append((int(rows), int(tokens)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True, help="Hugging Face Llama checkpoint directory")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=50061)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-context", type=int, default=None, help="default: the checkpoint's")
+    ap.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (overrides --kv-cache-gb)")
+    ap.add_argument("--kv-cache-gb", type=float, default=4.0)
+    ap.add_argument("--decode-batch-sizes", type=_int_list, default=DEFAULT_DECODE_BATCH_SIZES)
+    ap.add_argument("--prefill-shapes", type=_shapes, default=DEFAULT_PREFILL_SHAPES, help="e.g. 1x128,4x128")
+    ap.add_argument("--max-steps", type=int, default=8, help="decode steps one call may run")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"])
+    ap.add_argument("--no-warm-up", action="store_true", help="capture graphs lazily (tests of warm-up only)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args()
+    setup_logging(args.log_level)
+
+    from worker_svc.server import serve  # after logging: importing tinygrad picks the device
+
+    engine = WorkerEngine(WorkerOptions(
+        model=args.model, block_size=args.block_size, max_context=args.max_context, kv_blocks=args.kv_blocks,
+        kv_cache_gb=args.kv_cache_gb, decode_batch_sizes=args.decode_batch_sizes, prefill_shapes=args.prefill_shapes,
+        max_steps=args.max_steps, dtype=args.dtype, warm_up=not args.no_warm_up))
+    server = serve(engine, args.host, args.port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Builds everything a worker serves from: config, resident weights, KV pool, model and runner."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from dataclasses import dataclass, field
+
+from tinygrad import Device
+
+from shared.llama_config import LlamaConfig
+from worker_svc.kv_cache import PagedKVCache
+from worker_svc.model import LlamaModel
+from worker_svc.runner import ModelRunner
+from worker_svc.weights import compute_dtype_for, load_weights
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DECODE_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+DEFAULT_PREFILL_SHAPES = [(1, 128), (1, 512), (4, 128), (16, 128)]
+
+
+@dataclass
+class WorkerOptions:
+    model: str
+    block_size: int = 16
+    max_context: int | None = None
+    kv_blocks: int | None = None  # default: what kv_cache_gb holds, capped at a full table for every decode row
+    kv_cache_gb: float = 4.0
+    decode_batch_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_DECODE_BATCH_SIZES))
+    prefill_shapes: list[tuple[int, int]] = field(default_factory=lambda: list(DEFAULT_PREFILL_SHAPES))
+    max_steps: int = 8
+    dtype: str = "auto"
+    warm_up: bool = True
+
+
+@dataclass
+class TokenizerInfo:
+    model_bytes: bytes
+    add_bos: bool
+    bos_id: int
+    eos_ids: list[int]
+
+
+def read_tokenizer_info(checkpoint: pathlib.Path, config: LlamaConfig) -> TokenizerInfo:
+    """tokenizer.model plus how the checkpoint's tokenizer adds BOS and which ids end generation."""
+    tok_cfg_path, gen_cfg_path = checkpoint / "tokenizer_config.json", checkpoint / "generation_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+    gen_cfg = json.loads(gen_cfg_path.read_text()) if gen_cfg_path.exists() else {}
+    eos = gen_cfg.get("eos_token_id", list(config.eos_token_ids))
+    eos_ids = sorted(set((eos if isinstance(eos, list) else [eos]) + list(config.eos_token_ids)))
+    bos = config.bos_token_id if config.bos_token_id is not None else gen_cfg.get("bos_token_id", 1)
+    return TokenizerInfo(model_bytes=(checkpoint / "tokenizer.model").read_bytes(),
+                         add_bos=bool(tok_cfg.get("add_bos_token", True)), bos_id=int(bos), eos_ids=eos_ids)
+
+
+class WorkerEngine:
+    def __init__(self, opts: WorkerOptions):
+        self.opts = opts
+        self.path = pathlib.Path(opts.model).resolve()
+        self.config = LlamaConfig.load(self.path)
+        self.tokenizer = read_tokenizer_info(self.path, self.config)
+        self.device = Device.DEFAULT
+        self.dtype = compute_dtype_for(self.config, opts.dtype)
+        self.max_context = min(opts.max_context or self.config.max_position_embeddings,
+                               self.config.max_position_embeddings)
+        t0 = time.perf_counter()
+        self.weights = load_weights(self.path, self.config, self.dtype, self.device)
+        log.info("loaded %s (%.1f MB, %s) onto %s in %.1fs", self.path.name, self.weights.nbytes() / 1e6,
+                 self.dtype.name, self.device, time.perf_counter() - t0)
+        width = math.ceil(self.max_context / opts.block_size)
+        num_blocks = opts.kv_blocks or self._default_kv_blocks(width)
+        self.cache = PagedKVCache(self.config.num_hidden_layers, num_blocks, opts.block_size,
+                                  self.config.num_key_value_heads, self.config.head_dim, self.dtype, self.device)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MB)", num_blocks, opts.block_size, self.cache.nbytes() / 1e6)
+        self.model = LlamaModel(self.config, self.weights, self.cache, self.max_context)
+        self.runner = ModelRunner(self.model, opts.decode_batch_sizes, opts.prefill_shapes, opts.max_steps)
+        if opts.warm_up:
+            t0 = time.perf_counter()
+            self.runner.warm_up()
+            log.info("captured %d graphs in %.1fs", len(self.runner.buckets), time.perf_counter() - t0)
+
+    def _default_kv_blocks(self, width: int) -> int:
+        per_block = PagedKVCache.bytes_per_block(self.config.num_hidden_layers, self.opts.block_size,
+                                                 self.config.num_key_value_heads, self.config.head_dim, self.dtype)
+        budget = int(self.opts.kv_cache_gb * 1e9) // per_block
+        return 1 + min(budget, max(self.opts.decode_batch_sizes) * width)

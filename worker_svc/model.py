@@ -1,0 +1,98 @@
+"""Llama forward pass in tinygrad over the paged KV cache, for a batch of B rows of T tokens each.
+
+Decode is T = 1; a prefill chunk is T > 1. Every input is a device tensor of fixed shape, and the number of
+blocks attention reads is a bound symbolic variable, so one captured graph per (B, T) serves every context length.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tinygrad import Tensor, UOp, dtypes
+
+from shared.llama_config import LlamaConfig
+from worker_svc.kv_cache import PagedKVCache
+from worker_svc.weights import LlamaWeights
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    x32 = x.float()
+    return (x32 * (x32.square().mean(-1, keepdim=True) + eps).rsqrt()).cast(weight.dtype) * weight
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Hugging Face's rotate-half layout: the first and second halves of each head form the rotated pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+
+class LlamaModel:
+    """Weights plus the KV cache; `logits` is the traced computation that the runner captures per bucket."""
+
+    def __init__(self, config: LlamaConfig, weights: LlamaWeights, cache: PagedKVCache, max_context: int):
+        self.config, self.weights, self.cache = config, weights, cache
+        self.max_context = max_context
+        self.max_blocks_per_seq = math.ceil(max_context / cache.block_size)
+        device = weights.embed.device
+        freqs = np.outer(np.arange(max_context, dtype=np.float64), np.array(config.rope_inv_freq(), dtype=np.float64))
+        self.rope_cos = Tensor(np.cos(freqs).astype(np.float32), device=device).realize()
+        self.rope_sin = Tensor(np.sin(freqs).astype(np.float32), device=device).realize()
+        # key positions of a block table's slots; sliced to the bound block count inside the graph
+        self.key_positions = Tensor(np.arange(self.max_blocks_per_seq * cache.block_size, dtype=np.int32),
+                                    device=device).realize()
+
+    def hidden_states(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
+                      num_blocks: UOp | int) -> Tensor:
+        """tokens, positions, slots: (B, T) int32; block_tables: (B, W) int32. Returns normed hidden (B, T, D)."""
+        cfg, w = self.config, self.weights
+        B, T = tokens.shape
+        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        group = H // KV
+        q_dim = H * hd
+
+        x = w.embed[tokens].float()  # residual stream in fp32
+        cos = self.rope_cos[positions].reshape(B, T, 1, hd // 2)
+        sin = self.rope_sin[positions].reshape(B, T, 1, hd // 2)
+        tables = block_tables[:, :num_blocks]
+        key_pos = self.key_positions[:num_blocks * self.cache.block_size]
+        # causal mask over the gathered context: key slot s is visible to a query at position p when s <= p
+        visible = (key_pos.reshape(1, 1, -1) <= positions.reshape(B, T, 1)).reshape(B, 1, 1, T, -1)
+        flat_slots = slots.reshape(B * T)
+        scale = 1.0 / math.sqrt(hd)
+
+        for i, layer in enumerate(w.layers):
+            h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            qkv = h @ layer.wqkv.T
+            q = qkv[..., :q_dim].reshape(B, T, H, hd).float()
+            k = qkv[..., q_dim:q_dim + cfg.kv_dim].reshape(B, T, KV, hd).float()
+            v = qkv[..., q_dim + cfg.kv_dim:]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+            pool = self.cache.write(i, k.reshape(B * T, cfg.kv_dim), v.reshape(B * T, cfg.kv_dim), flat_slots)
+            keys, values = self.cache.gather(pool, tables)  # (B, S, KV, hd)
+
+            qg = q.reshape(B, T, KV, group, hd).permute(0, 2, 3, 1, 4).cast(keys.dtype)  # (B, KV, G, T, hd)
+            kt = keys.permute(0, 2, 3, 1).reshape(B, KV, 1, hd, -1)  # (B, KV, 1, hd, S)
+            scores = (qg @ kt).float() * scale  # (B, KV, G, T, S)
+            probs = visible.where(scores, -math.inf).softmax(-1).cast(values.dtype)
+            vt = values.permute(0, 2, 1, 3).reshape(B, KV, 1, -1, hd)  # (B, KV, 1, S, hd)
+            attn = (probs @ vt).permute(0, 3, 1, 2, 4).reshape(B, T, q_dim)
+            x = x + (attn.cast(layer.wo.dtype) @ layer.wo.T).float()
+
+            h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+            gate, up = (h @ layer.w_gate_up.T).chunk(2, dim=-1)
+            x = x + ((gate.silu() * up) @ layer.w_down.T).float()
+        return rms_norm(x, w.norm, cfg.rms_norm_eps)
+
+    def logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
+               num_blocks: UOp | int, last_index: Tensor | None = None) -> Tensor:
+        """fp32 logits (B, V) of each row's token at `last_index` (B,), or of its only token when T == 1."""
+        hidden = self.hidden_states(tokens, positions, slots, block_tables, num_blocks)
+        B, T, D = hidden.shape
+        if T == 1:
+            last = hidden.reshape(B, D)
+        else:
+            assert last_index is not None
+            pick = Tensor.arange(T).reshape(1, T) == last_index.reshape(B, 1)
+            last = pick.reshape(B, T, 1).where(hidden, 0).sum(1).cast(hidden.dtype)
+        return (last @ self.weights.lm_head.T).float()

@@ -1,0 +1,77 @@
+"""Per-row sampling on the device: greedy, temperature, top-k, top-p and a seeded, batch-independent RNG.
+
+Everything here is plain tensor math with fixed shapes, so it is captured inside the decode graph and only the
+sampled token ids leave the device. No sort: top-k and top-p thresholds are found by a few rounds of a
+16-way grid search per row, which is a handful of reductions over the vocabulary instead of a bitonic sort.
+"""
+from __future__ import annotations
+
+from tinygrad import Tensor, dtypes
+
+GRID = 16
+ROUNDS = 5  # resolution: 16**5 ~ 1e6 steps between the row's lowest and highest value
+
+
+def _uint32(x: int) -> Tensor:
+    return Tensor(x, dtype=dtypes.uint32)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """A 32-bit integer finaliser (lowbias32): cheap, and good enough to turn counters into uniform noise."""
+    x = x ^ (x >> 16)
+    x = x * _uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * _uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: Tensor, counters: Tensor, vocab: int) -> Tensor:
+    """(B, vocab) floats in (0, 1) that depend only on each row's (seed, counter), never on the rest of the batch."""
+    rows = _mix(seeds.cast(dtypes.uint32) * _uint32(0x9E3779B1) ^ _mix(counters.cast(dtypes.uint32) + _uint32(0x632BE5AB)))
+    cols = Tensor.arange(vocab).cast(dtypes.uint32).reshape(1, vocab)
+    bits = _mix(rows.reshape(-1, 1) ^ (cols * _uint32(0x85EBCA77)))
+    return ((bits >> 8).cast(dtypes.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _largest_passing(values: Tensor, lo: Tensor, hi: Tensor, passes) -> Tensor:
+    """Per row, the largest threshold t in [lo, hi] with passes(t) true, to a 16**ROUNDS resolution.
+
+    `passes(t)` must be true at lo and monotonically decreasing in t; values is (B, V), lo and hi are (B, 1)."""
+    steps = Tensor.arange(1, GRID + 1).float().reshape(1, GRID)
+    for _ in range(ROUNDS):
+        width = (hi - lo) / GRID
+        candidates = lo + width * steps  # (B, GRID)
+        n_pass = passes(candidates.reshape(-1, GRID, 1)).sum(-1, keepdim=True).float()  # (B, 1)
+        lo = lo + width * n_pass
+        hi = lo + width
+    return lo
+
+
+def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor,
+           counters: Tensor) -> Tensor:
+    """Token ids (B,) int32. temperature <= 0 is greedy; top_k <= 0 and top_p >= 1 switch those filters off."""
+    B, V = logits.shape
+    logits = logits.float()
+    greedy = logits.argmax(-1).cast(dtypes.int32)
+
+    scaled = logits / temperature.reshape(B, 1).maximum(1e-6)
+    # top-k: keep logits >= the largest threshold that still leaves at least k of them
+    k = (top_k <= 0).where(V, top_k.minimum(V)).reshape(B, 1, 1).float()
+    vals = scaled.reshape(B, 1, V)
+    lo, hi = scaled.min(-1, keepdim=True), scaled.max(-1, keepdim=True)
+    kth = _largest_passing(scaled, lo, hi, lambda t: ((vals >= t).sum(-1) >= k.reshape(B, 1)))
+    scaled = (scaled >= kth).where(scaled, -float("inf"))
+
+    # top-p: keep the most likely tokens whose probabilities sum to at least top_p
+    probs = scaled.softmax(-1)
+    p = top_p.reshape(B, 1)
+    pvals = probs.reshape(B, 1, V)
+    zero, pmax = probs.min(-1, keepdim=True) * 0, probs.max(-1, keepdim=True)
+    cut = _largest_passing(probs, zero, pmax, lambda t: ((pvals >= t).where(pvals, 0).sum(-1) >= p))
+    cut = (p >= 1.0).where(0.0, cut)
+    scaled = (probs >= cut).where(scaled, -float("inf"))
+
+    # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T)
+    gumbel = -(-uniform_noise(seeds, counters, V).log()).log()
+    drawn = (scaled + gumbel).argmax(-1).cast(dtypes.int32)
+    return (temperature <= 0).where(greedy, drawn)
