@@ -75,6 +75,8 @@ class Scheduler:
             if not seq.blocks.block_ids:
                 self.blocks.allocate_prompt(seq.blocks, seq.tokens)
                 seq.num_computed = seq.blocks.num_cached_tokens
+                if not seq.num_preemptions:
+                    seq.cached_prompt_tokens = seq.num_computed
             first_chunk = min(seq.num_pending, self.prefill_shapes[-1][1])
             if not self.blocks.can_grow(seq.blocks, seq.num_computed + first_chunk):
                 if not self.running:  # nothing will free blocks for it: take what is left

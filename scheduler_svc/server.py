@@ -94,6 +94,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     response.prompt_tokens = len(seq.prompt_ids)
                     response.completion_tokens = len(seq.output_ids)
                     response.stop_reason = delta.stop_reason
+                    response.cached_prompt_tokens = seq.cached_prompt_tokens
                 yield response
                 if done:
                     return

@@ -92,13 +92,16 @@ class ModelRunner:
         return Tensor(sampled.uop.after(store))
 
     # ---- host side -------------------------------------------------------------------------------------------
+    def check_bucket(self, rows: int, tokens: int) -> None:
+        if (rows, tokens) not in self._jits:
+            raise BatchError(f"batch shape {(rows, tokens)} is not a bucket; buckets are {self.buckets}")
+
     def validate(self, batch: Batch) -> tuple[int, int]:
         """Refuse anything a captured graph would silently misread (TinyJit does not check input shapes)."""
         if batch.token_ids.ndim != 2:
             raise BatchError("token_ids must be 2-D (rows, tokens)")
         B, T = batch.token_ids.shape
-        if (B, T) not in self._jits:
-            raise BatchError(f"batch shape {(B, T)} is not a bucket; buckets are {self.buckets}")
+        self.check_bucket(B, T)
         for name in ("positions", "chunk_lens", "temperature", "top_p", "top_k", "seeds", "counters"):
             if getattr(batch, name).shape != (B,):
                 raise BatchError(f"{name} must have one entry per row ({B}), got shape {getattr(batch, name).shape}")

@@ -61,6 +61,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def Execute(self, request, context) -> worker_pb2.ExecuteResponse:
         try:
+            self.engine.runner.check_bucket(request.rows, request.tokens)
             batch = decode_request(request, self.engine.runner.table_width)
             with self._lock:
                 t0 = time.perf_counter()

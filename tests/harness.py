@@ -1,0 +1,81 @@
+"""Starts the real worker and scheduler as subprocesses on free loopback ports and waits until they are healthy."""
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, proc: subprocess.Popen, log_path: pathlib.Path, timeout_s: float) -> None:
+    """Polls grpc.health.v1 until SERVING; fails early, with the log, if the process dies."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not serving after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
+
+
+@dataclass
+class Service:
+    """One running service process and where it listens."""
+
+    name: str
+    address: str
+    proc: subprocess.Popen
+    log_path: pathlib.Path
+
+    @classmethod
+    def start(cls, name: str, module: str, args: list[str], log_dir: pathlib.Path, port: int | None = None,
+              timeout_s: float = 300.0) -> "Service":
+        port = port or free_port()
+        log_path = log_dir / f"{name}.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DEV": os.environ.get("DEV", "CPU")}
+        proc = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
+                                cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+        service = cls(name, f"127.0.0.1:{port}", proc, log_path)
+        try:
+            wait_serving(service.address, proc, log_path, timeout_s)
+        except Exception:
+            service.stop()
+            raise
+        return service
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_worker(model_dir: pathlib.Path, log_dir: pathlib.Path, extra: list[str], port: int | None = None) -> Service:
+    return Service.start("worker", "worker_svc", ["--model", str(model_dir), *extra], log_dir, port=port)
+
+
+def start_scheduler(worker: str, log_dir: pathlib.Path) -> Service:
+    return Service.start("scheduler", "scheduler_svc", ["--worker", worker], log_dir)
