@@ -1,0 +1,103 @@
+"""Block manager: allocation, growth across block boundaries, release, exhaustion, prefix sharing."""
+from __future__ import annotations
+
+import pytest
+
+from scheduler_svc.block_manager import BlockManager, BlockTable, NoFreeBlocks
+
+
+def test_null_block_is_never_handed_out():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    assert bm.total_blocks == bm.num_free == 4
+    table = BlockTable()
+    bm.grow(table, 16)
+    assert sorted(table.block_ids) == [1, 2, 3, 4]
+
+
+def test_growth_across_block_boundaries():
+    bm = BlockManager(num_blocks=9, block_size=4)
+    table = BlockTable()
+    assert bm.grow(table, 1) and len(table.block_ids) == 1
+    assert bm.grow(table, 4) == []  # still fits in the first block
+    assert len(bm.grow(table, 5)) == 1  # position 4 starts block 2
+    bm.grow(table, 12)
+    assert len(table.block_ids) == 3 and bm.num_free == 5
+    assert len(set(table.block_ids)) == 3
+
+
+def test_release_returns_every_block():
+    bm = BlockManager(num_blocks=9, block_size=4)
+    a, b = BlockTable(), BlockTable()
+    bm.grow(a, 10)
+    bm.grow(b, 7)
+    assert bm.num_free == 8 - 5
+    bm.release(a)
+    bm.release(b)
+    assert bm.num_free == bm.total_blocks and a.block_ids == [] and b.block_ids == []
+    with pytest.raises(AssertionError):
+        bm.release(BlockTable(block_ids=[1]))  # a block nobody holds
+
+
+def test_running_out_is_all_or_nothing():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a, b = BlockTable(), BlockTable()
+    bm.grow(a, 8)
+    assert not bm.can_grow(b, 8)
+    with pytest.raises(NoFreeBlocks):
+        bm.grow(b, 8)
+    assert b.block_ids == [] and bm.num_free == 1
+    assert bm.can_grow(b, 4)
+
+
+def test_prefix_sharing_of_full_blocks():
+    bm = BlockManager(num_blocks=12, block_size=4)
+    prompt = list(range(100, 111))  # 11 tokens: two full blocks + 3
+    first = BlockTable()
+    bm.allocate_prompt(first, prompt)
+    assert first.num_cached_tokens == 0
+    bm.grow(first, len(prompt))
+    bm.register_full_blocks(first, prompt, num_computed=len(prompt))
+    assert first.num_hashed_blocks == 2
+
+    second = BlockTable()
+    bm.allocate_prompt(second, prompt[:9] + [999, 998])  # same first two blocks, different tail
+    assert second.num_cached_tokens == 8 and second.block_ids == first.block_ids[:2]
+    assert bm.blocks[first.block_ids[0]].ref_count == 2
+
+    third = BlockTable()
+    bm.allocate_prompt(third, [5] + prompt[1:])  # differs in the first token: nothing shared (chained hashes)
+    assert third.num_cached_tokens == 0
+
+    bm.release(first)
+    bm.release(second)
+    assert bm.num_free == bm.total_blocks
+    again = BlockTable()
+    bm.allocate_prompt(again, prompt)  # released blocks keep their contents until reused
+    assert again.num_cached_tokens == 8
+
+
+def test_last_prompt_token_is_never_served_from_cache():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    prompt = list(range(8))  # exactly two full blocks
+    t = BlockTable()
+    bm.allocate_prompt(t, prompt)
+    bm.grow(t, 8)
+    bm.register_full_blocks(t, prompt, 8)
+    again = BlockTable()
+    bm.allocate_prompt(again, prompt)
+    assert again.num_cached_tokens == 4  # the block holding the last token is recomputed for its logits
+
+
+def test_reused_block_forgets_its_hash():
+    bm = BlockManager(num_blocks=3, block_size=2)  # two usable blocks
+    prompt = [1, 2, 3]
+    t = BlockTable()
+    bm.allocate_prompt(t, prompt)
+    bm.grow(t, 3)
+    bm.register_full_blocks(t, prompt, 3)
+    bm.release(t)
+    hog = BlockTable()
+    bm.grow(hog, 4)  # takes both blocks, overwriting the cached contents
+    probe = BlockTable()
+    bm.allocate_prompt(probe, prompt)
+    assert probe.num_cached_tokens == 0

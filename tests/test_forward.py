@@ -1,0 +1,84 @@
+"""The worker's tinygrad forward pass against the independent NumPy reference, through the paged KV cache."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tinygrad import Device, Tensor, UOp
+
+from shared.demo_checkpoint import build_checkpoint
+from shared.llama_config import LlamaConfig
+from tests.reference import NumpyLlama
+from worker_svc.kv_cache import PagedKVCache
+from worker_svc.model import LlamaModel
+from worker_svc.weights import compute_dtype_for, load_weights
+
+BLOCK = 16
+MAX_CONTEXT = 128
+WIDTH = MAX_CONTEXT // BLOCK
+
+
+@pytest.fixture(scope="module", params=["fp32", "fp16-tied-sharded"])
+def checkpoint(request, demo_checkpoint, tmp_path_factory):
+    if request.param == "fp32":
+        return demo_checkpoint, 1e-4
+    path = build_checkpoint(tmp_path_factory.mktemp("demo-fp16"), dtype="float16", seed=1, tie_word_embeddings=True,
+                            shards=2)
+    return path, 3e-2
+
+
+def make_model(path) -> LlamaModel:
+    cfg = LlamaConfig.load(path)
+    dtype = compute_dtype_for(cfg)
+    cache = PagedKVCache(cfg.num_hidden_layers, 32, BLOCK, cfg.num_key_value_heads, cfg.head_dim, dtype,
+                         Device.DEFAULT)
+    return LlamaModel(cfg, load_weights(path, cfg, dtype), cache, MAX_CONTEXT)
+
+
+def run(model: LlamaModel, rows: list[tuple[list[int], int, list[int]]], T: int) -> np.ndarray:
+    """rows: (tokens of this chunk, position of its first token, the sequence's block ids). Returns (B, V) logits."""
+    B = len(rows)
+    tokens, positions, slots = (np.zeros((B, T), np.int32) for _ in range(3))
+    tables, last = np.zeros((B, WIDTH), np.int32), np.zeros(B, np.int32)
+    for i, (chunk, start, blocks) in enumerate(rows):
+        tables[i, :len(blocks)] = blocks
+        pos = start + np.arange(len(chunk))
+        tokens[i, :len(chunk)], positions[i, :len(chunk)] = chunk, pos
+        slots[i, :len(chunk)] = tables[i, pos // BLOCK] * BLOCK + pos % BLOCK  # padding tokens write to null block 0
+        last[i] = len(chunk) - 1
+    n = max(-(-(start + len(chunk)) // BLOCK) for chunk, start, _ in rows)
+    num_blocks = UOp.variable("num_blocks", 1, WIDTH).bind(n)
+    out = model.logits(Tensor(tokens), Tensor(positions), Tensor(slots), Tensor(tables), num_blocks,
+                       Tensor(last) if T > 1 else None)
+    return out.numpy()
+
+
+def close(got: np.ndarray, want: np.ndarray, rtol: float) -> None:
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < rtol, f"max error {err:.2e} of the logits' range exceeds {rtol:.0e}"
+    assert got.argmax() == want.argmax() or rtol > 1e-3
+
+
+def test_prefill_and_decode_through_shuffled_paged_cache(checkpoint):
+    path, rtol = checkpoint
+    model, ref = make_model(path), NumpyLlama(path)
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    seqs = [[int(x) for x in rng.integers(3, vocab, size=n)] for n in (11, 16, 20)]
+    continuations = [[int(x) for x in rng.integers(3, vocab, size=3)] for _ in seqs]
+    blocks = [[7, 3, 21], [12, 5, 30], [9, 2, 17]]  # non-contiguous, out of order, interleaved between sequences
+    refs = [ref.logits(s + c) for s, c in zip(seqs, continuations)]
+
+    # prefill: sequences 0 and 1 whole; sequence 2 in two chunks (16 + 4), the second reading the first from the cache
+    got = run(model, [(seqs[0], 0, blocks[0]), (seqs[1], 0, blocks[1]), (seqs[2][:16], 0, blocks[2])], T=16)
+    close(got[0], refs[0][10], rtol)
+    close(got[1], refs[1][15], rtol)
+    close(got[2], refs[2][15], rtol)
+    got = run(model, [(seqs[2][16:], 16, blocks[2])], T=16)
+    close(got[0], refs[2][19], rtol)
+
+    # decode: three steps for all three at once; sequence 1 moves into its second block
+    for step in range(3):
+        rows = [([continuations[i][step]], len(seqs[i]) + step, blocks[i]) for i in range(3)]
+        got = run(model, rows, T=1)
+        for i in range(3):
+            close(got[i], refs[i][len(seqs[i]) + step], rtol)

@@ -1,0 +1,88 @@
+"""Scheduling policy without a worker: bucket padding, chunked prefill, decode steps, preemption by recompute."""
+from __future__ import annotations
+
+import pytest
+
+from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.sequence import Sampling, Sequence, Status
+
+
+class NullDetokenizer:
+    def push(self, ids, final=False) -> str:
+        return ""
+
+
+def seq(n_prompt: int, max_tokens: int = 8, rid: str = "r") -> Sequence:
+    return Sequence(rid, list(range(10, 10 + n_prompt)), Sampling(max_tokens=max_tokens), max_length=256,
+                    detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset())
+
+
+def finish_step(batch, token: int = 5) -> None:
+    """What the engine does with a batch's result, minus the worker."""
+    for s, n in zip(batch.seqs, batch.chunk_lens):
+        if batch.is_prefill:
+            s.num_computed += n
+            if s.num_pending == 0:
+                s.append([token])
+                s.num_computed = len(s.tokens) - 1
+        else:
+            s.append([token] * batch.num_steps)
+            s.num_computed = len(s.tokens) - 1
+
+
+@pytest.fixture
+def sched() -> Scheduler:
+    return Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1, 2, 4],
+                     prefill_shapes=[(1, 8), (2, 8)], max_steps=4)
+
+
+def test_prefill_is_chunked_and_padded_to_a_bucket(sched):
+    a, b, c = seq(12, rid="a"), seq(3, rid="b"), seq(5, rid="c")
+    for s in (a, b, c):
+        sched.add(s)
+    batch = sched.schedule()
+    assert batch.is_prefill and (batch.rows, batch.tokens) == (2, 8)
+    assert batch.seqs == [a, b] and batch.chunk_lens == [8, 3]
+    finish_step(batch)
+    batch = sched.schedule()  # a's second chunk and c's whole prompt
+    assert batch.seqs == [a, c] and batch.chunk_lens == [4, 5]
+    finish_step(batch)
+    assert all(s.num_pending == 1 for s in (a, b, c))
+    batch = sched.schedule()
+    assert not batch.is_prefill and (batch.rows, batch.tokens) == (4, 1) and len(batch.seqs) == 3
+    assert batch.num_steps == 4
+
+
+def test_decode_steps_follow_the_longest_remaining(sched):
+    s = seq(3, max_tokens=3)
+    sched.add(s)
+    finish_step(sched.schedule())
+    batch = sched.schedule()
+    assert batch.num_steps == 2 and batch.rows == 1
+
+
+def test_preemption_frees_the_youngest_and_recomputes_it(sched):
+    # 12 blocks of 4 tokens; three sequences of 14 prompt tokens need 4 blocks each, then more to decode
+    seqs = [seq(14, max_tokens=20, rid=str(i)) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    for _ in range(4):
+        finish_step(sched.schedule())
+    assert all(s.status is Status.RUNNING and s.num_pending == 1 for s in seqs)
+    batch = sched.schedule()  # decode needs blocks for 4 more positions each: 12 + 3 > 12
+    assert not batch.is_prefill
+    assert seqs[2].status is Status.WAITING and seqs[2].num_computed == 0 and seqs[2].num_preemptions == 1
+    assert seqs[2] not in batch.seqs and sched.waiting[0] is seqs[2]
+    assert sched.blocks.num_free >= 0
+    for s in batch.seqs:
+        assert len(s.blocks.block_ids) * 4 >= len(s.tokens) + batch.num_steps - 1
+
+
+def test_removal_returns_blocks(sched):
+    s = seq(9)
+    sched.add(s)
+    sched.schedule()
+    assert sched.blocks.num_free < sched.blocks.total_blocks
+    sched.remove(s)
+    assert sched.blocks.num_free == sched.blocks.total_blocks and not sched.has_work
