@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEV", "CPU")
 
 from shared.demo_checkpoint import build_checkpoint  # noqa: E402
-from tests.harness import start_scheduler, start_worker  # noqa: E402
+from shared.processes import start_scheduler, start_worker  # noqa: E402
 
 # small buckets keep CPU compile time down; few KV blocks make 16 concurrent requests preempt each other
 WORKER_FLAGS = ["--decode-batch-sizes", "1,2,4,8,16", "--prefill-shapes", "1x16,4x16,1x64", "--max-steps", "4",

@@ -1,4 +1,6 @@
-"""Starts the real worker and scheduler as subprocesses on free loopback ports and waits until they are healthy."""
+"""Starts the worker and scheduler as subprocesses and waits until they report SERVING.
+
+Used by `make run-demo`, the integration tests and the benchmark, so all three start the services the same way."""
 from __future__ import annotations
 
 import os
@@ -21,21 +23,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, proc: subprocess.Popen, log_path: pathlib.Path, timeout_s: float) -> None:
+def _tail(log_path: pathlib.Path | None) -> str:
+    return log_path.read_text()[-4000:] if log_path else "(see the output above)"
+
+
+def wait_serving(address: str, proc: subprocess.Popen, log_path: pathlib.Path | None, timeout_s: float) -> None:
     """Polls grpc.health.v1 until SERVING; fails early, with the log, if the process dies."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{_tail(log_path)}")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise TimeoutError(f"{address} not serving after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
+    raise TimeoutError(f"{address} not serving after {timeout_s}s:\n{_tail(log_path)}")
 
 
 @dataclass
@@ -48,14 +54,16 @@ class Service:
     log_path: pathlib.Path
 
     @classmethod
-    def start(cls, name: str, module: str, args: list[str], log_dir: pathlib.Path, port: int | None = None,
-              timeout_s: float = 300.0) -> "Service":
+    def start(cls, name: str, module: str, args: list[str], log_dir: pathlib.Path | None, port: int | None = None,
+              timeout_s: float = 900.0, host: str = "127.0.0.1") -> "Service":
+        """log_dir None: the process writes to this terminal."""
         port = port or free_port()
-        log_path = log_dir / f"{name}.log"
+        log_path = log_dir / f"{name}.log" if log_dir else None
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DEV": os.environ.get("DEV", "CPU")}
-        proc = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
-                                cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-        service = cls(name, f"127.0.0.1:{port}", proc, log_path)
+        out = log_path.open("w") if log_path else None
+        proc = subprocess.Popen([sys.executable, "-m", module, "--host", host, "--port", str(port), *args],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        service = cls(name, f"{host}:{port}", proc, log_path)
         try:
             wait_serving(service.address, proc, log_path, timeout_s)
         except Exception:
@@ -73,9 +81,10 @@ class Service:
                 self.proc.wait()
 
 
-def start_worker(model_dir: pathlib.Path, log_dir: pathlib.Path, extra: list[str], port: int | None = None) -> Service:
+def start_worker(model_dir: pathlib.Path, log_dir: pathlib.Path | None, extra: list[str],
+                 port: int | None = None) -> Service:
     return Service.start("worker", "worker_svc", ["--model", str(model_dir), *extra], log_dir, port=port)
 
 
-def start_scheduler(worker: str, log_dir: pathlib.Path) -> Service:
-    return Service.start("scheduler", "scheduler_svc", ["--worker", worker], log_dir)
+def start_scheduler(worker: str, log_dir: pathlib.Path | None, port: int | None = None) -> Service:
+    return Service.start("scheduler", "scheduler_svc", ["--worker", worker], log_dir, port=port)
