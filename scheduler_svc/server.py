@@ -8,7 +8,7 @@ import grpc
 
 from scheduler_svc.engine import Engine
 from scheduler_svc.sequence import Sampling
-from shared.service import GRPC_OPTIONS, add_health_and_reflection
+from shared.service import SERVER_OPTIONS, add_health_and_reflection
 from tinyvllm.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
 
 async def serve(engine: Engine, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(engine), server)
     add_health_and_reflection(server, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name], aio=True)
     bound = server.add_insecure_port(f"{host}:{port}")

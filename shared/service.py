@@ -12,6 +12,8 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# servers only: without this, gRPC's SO_REUSEPORT lets a second server bind a port that is already taken, silently
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 def add_health_and_reflection(server, service_names: list[str], aio: bool) -> health.HealthServicer:

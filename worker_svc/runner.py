@@ -162,8 +162,10 @@ class ModelRunner:
 
     def dummy_batch(self, B: int, T: int, num_steps: int = 1) -> Batch:
         """Padding rows only: every write goes to the null block, nothing real is touched."""
-        zeros = np.zeros(B, dtype=np.int32)
-        return Batch(token_ids=np.zeros((B, T), np.int32), positions=zeros, chunk_lens=zeros,
+        def zeros(dtype=np.int32) -> np.ndarray:
+            return np.zeros(B, dtype=dtype)
+
+        return Batch(token_ids=np.zeros((B, T), np.int32), positions=zeros(), chunk_lens=zeros(),
                      block_tables=np.full((B, self.table_width), NULL_BLOCK, np.int32),
-                     temperature=np.zeros(B, np.float32), top_p=np.ones(B, np.float32), top_k=zeros,
-                     seeds=zeros.astype(np.uint32), counters=zeros.astype(np.uint32), num_steps=num_steps)
+                     temperature=zeros(np.float32), top_p=np.ones(B, np.float32), top_k=zeros(),
+                     seeds=zeros(np.uint32), counters=zeros(np.uint32), num_steps=num_steps)

@@ -10,7 +10,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from shared.service import GRPC_OPTIONS, add_health_and_reflection
+from shared.service import SERVER_OPTIONS, add_health_and_reflection
 from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
 from worker_svc.engine import WorkerEngine
 from worker_svc.runner import Batch, BatchError
@@ -74,7 +74,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 def serve(engine: WorkerEngine, host: str, port: int) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
     add_health_and_reflection(server, [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name], aio=False)
     bound = server.add_insecure_port(f"{host}:{port}")
