@@ -192,6 +192,7 @@ class Engine:
             delta = None
             if new:
                 delta = seq.append(new)
+                self.stats.tokens += len(delta.token_ids)
                 seq.num_computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
             self.blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
             if delta is not None:

@@ -42,6 +42,7 @@ class Scheduler:
         self.max_steps = max_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     @property
     def has_work(self) -> bool:
@@ -143,6 +144,7 @@ class Scheduler:
         victim.sync_table_row()
         victim.reset_for_recompute()
         self.waiting.appendleft(victim)
+        self.num_preemptions += 1
         log.info("preempted %s (%d tokens) to free KV blocks", victim.request_id, len(victim.tokens))
         return True
 

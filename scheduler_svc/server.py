@@ -109,7 +109,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             model_path=e.info.model_path, model_name=e.info.model_name, vocab_size=e.info.vocab_size,
             max_context=e.info.max_context, block_size=e.info.block_size, total_kv_blocks=e.blocks.total_blocks,
             free_kv_blocks=e.blocks.num_free, running_requests=running, waiting_requests=waiting,
-            device=e.info.device, decode_batch_sizes=list(e.info.decode_batch_sizes))
+            device=e.info.device, decode_batch_sizes=list(e.info.decode_batch_sizes),
+            stats=scheduler_pb2.EngineStats(
+                worker_calls=e.stats.calls, worker_call_seconds=e.stats.wall_seconds,
+                worker_busy_seconds=e.stats.worker_seconds, generated_tokens=e.stats.tokens,
+                preemptions=e.scheduler.num_preemptions))
 
 
 async def serve(engine: Engine, host: str, port: int) -> tuple[grpc.aio.Server, int]:

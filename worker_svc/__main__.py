@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 
 from shared.service import setup_logging
-from worker_svc.engine import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES, WorkerEngine, WorkerOptions
+
+# also in worker_svc.engine; repeated here so that parsing flags does not import tinygrad before BEAM is set
+DEFAULT_DECODE_BATCH_SIZES = "1,2,4,8,16,32,64,128,256"
+DEFAULT_PREFILL_SHAPES = "1x128,1x512,4x128,16x128"
 
 
 def _int_list(text: str) -> list[int]:
@@ -31,16 +35,21 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=None, help="default: the checkpoint's")
     ap.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (overrides --kv-cache-gb)")
     ap.add_argument("--kv-cache-gb", type=float, default=4.0)
-    ap.add_argument("--decode-batch-sizes", type=_int_list, default=DEFAULT_DECODE_BATCH_SIZES)
-    ap.add_argument("--prefill-shapes", type=_shapes, default=DEFAULT_PREFILL_SHAPES, help="e.g. 1x128,4x128")
+    ap.add_argument("--decode-batch-sizes", type=_int_list, default=_int_list(DEFAULT_DECODE_BATCH_SIZES))
+    ap.add_argument("--prefill-shapes", type=_shapes, default=_shapes(DEFAULT_PREFILL_SHAPES), help="e.g. 1x128,4x128")
     ap.add_argument("--max-steps", type=int, default=8, help="decode steps one call may run")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"])
     ap.add_argument("--no-warm-up", action="store_true", help="capture graphs lazily (tests of warm-up only)")
+    ap.add_argument("--beam", type=int, default=0,
+                    help="BEAM kernel search width for captured kernels at warm-up (results cached on disk)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     setup_logging(args.log_level)
+    if args.beam:
+        os.environ["JITBEAM"] = str(args.beam)  # read by tinygrad at import
 
-    from worker_svc.server import serve  # after logging: importing tinygrad picks the device
+    from worker_svc.engine import WorkerEngine, WorkerOptions
+    from worker_svc.server import serve
 
     engine = WorkerEngine(WorkerOptions(
         model=args.model, block_size=args.block_size, max_context=args.max_context, kv_blocks=args.kv_blocks,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from tinygrad import Device
 
 from shared.llama_config import LlamaConfig
+from worker_svc import compat
 from worker_svc.kv_cache import PagedKVCache
 from worker_svc.model import LlamaModel
 from worker_svc.runner import ModelRunner
@@ -18,7 +19,7 @@ from worker_svc.weights import compute_dtype_for, load_weights
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DECODE_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+DEFAULT_DECODE_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # keep in step with worker_svc/__main__.py
 DEFAULT_PREFILL_SHAPES = [(1, 128), (1, 512), (4, 128), (16, 128)]
 
 
@@ -63,6 +64,7 @@ class WorkerEngine:
         self.config = LlamaConfig.load(self.path)
         self.tokenizer = read_tokenizer_info(self.path, self.config)
         self.device = Device.DEFAULT
+        compat.apply_for(self.device)
         self.dtype = compute_dtype_for(self.config, opts.dtype)
         self.max_context = min(opts.max_context or self.config.max_position_embeddings,
                                self.config.max_position_embeddings)

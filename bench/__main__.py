@@ -1,0 +1,158 @@
+"""`python -m bench` (`make bench`): tinyvllm through its public gRPC API, its worker alone, and peers.
+
+Scenarios (through the scheduler, greedy, ignore_eos): (a) one stream, 128-token prompt, 256 new tokens;
+(b) 64 concurrent streams, 128 in / 128 out; (c) 256 requests with seeded random lengths arriving at once.
+Prints a table and writes JSON. `--shape tinyllama` builds a TinyLlama-1.1B-shaped fp16 checkpoint locally."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("TINYVLLM_COMMIT", "unknown")
+
+
+def checkpoint_for(args) -> pathlib.Path:
+    if args.model:
+        return pathlib.Path(args.model)
+    from shared.demo_checkpoint import build_checkpoint
+
+    path = ROOT / ".cache" / f"bench-{args.shape}"
+    if not (path / "config.json").exists():
+        print(f"building a {args.shape}-shaped checkpoint in {path} ...", flush=True)
+        build_checkpoint(path, shape=args.shape, dtype="float16" if args.shape == "tinyllama" else "float32")
+    return path
+
+
+def worker_flags(args) -> list[str]:
+    flags = ["--decode-batch-sizes", args.decode_batch_sizes, "--prefill-shapes", args.prefill_shapes,
+             "--max-steps", str(args.max_steps), "--kv-cache-gb", str(args.kv_cache_gb)]
+    return flags + (["--beam", str(args.beam)] if args.beam else []) + args.worker_args.split()
+
+
+def floor_fraction(result_a: dict, weight_bytes: int, kv_bytes_per_token: int, bandwidth_gbs: float) -> dict:
+    """Memory-bandwidth floor for scenario (a): every step reads all weights plus the context's K and V."""
+    mean_context = 128 + 256 / 2
+    step_bytes = weight_bytes + kv_bytes_per_token * mean_context
+    floor_ms = step_bytes / (bandwidth_gbs * 1e9) * 1e3
+    return dict(step_bytes=step_bytes, floor_ms=floor_ms, floor_tok_s=1e3 / floor_ms,
+                fraction_of_floor=floor_ms / result_a["tpot_ms_p50"])
+
+
+def print_table(report: dict) -> None:
+    print(f"\n== tinyvllm bench: {report['shape']} on {report['device']}, commit {report['commit']} ==")
+    print(f"measured read bandwidth: {report['bandwidth_gbs']:.0f} GB/s; weights {report['weight_bytes'] / 1e9:.3f} GB")
+    print("\nworker only (no gRPC), decode at context 256:")
+    print(f"{'rows':>5} {'step ms':>9} {'tok/s':>10} {'kernels':>8}")
+    for d in report["worker"]["decode"]:
+        print(f"{d['rows']:>5} {d['step_ms']:>9.3f} {d['tok_s']:>10.1f} {d['kernels_per_step']:>8}")
+    for p in report["worker"]["prefill"]:
+        print(f"prefill {p['rows']}x{p['tokens']}: {p['ms']:.2f} ms, {p['tok_s']:.0f} tok/s, {p['kernels']} kernels")
+    print("\nthrough gRPC (scheduler + worker):")
+    print(f"{'scenario':<24} {'tok/s':>9} {'req/s':>7} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} "
+          f"{'busy':>6} {'grpc':>6}")
+    for s in report["scenarios"]:
+        grpc_share = s["grpc_share_of_call"]
+        print(f"{s['scenario']:<24} {s['output_tok_s']:>9.1f} {s['requests_s']:>7.2f} {s['ttft_ms_p50']:>9.1f} "
+              f"{s['ttft_ms_p99']:>8.1f} {s['tpot_ms_p50']:>9.2f} {s['tpot_ms_p99']:>8.2f} "
+              f"{s['worker_busy_share_of_wall']:>6.0%} {grpc_share if grpc_share is None else f'{grpc_share:.0%}':>6}")
+    if "floor" in report:
+        f = report["floor"]
+        print(f"\n(a) bandwidth floor {f['floor_ms']:.3f} ms/token ({f['floor_tok_s']:.0f} tok/s): "
+              f"{f['fraction_of_floor']:.1%} of it reached; idle TTFT p50 {report['scenarios'][0].get('ttft_idle_ms_p50', 0):.1f} ms")
+    for p in report.get("peers", []):
+        ours = next((s for s in report["scenarios"] if s["scenario"].startswith("a" if p["batch"] == 1 else "b")), None)
+        ratio = f", tinyvllm/peer = {ours['output_tok_s'] / p['output_tok_s']:.2f}x" if ours else ""
+        print(f"peer {p['peer']} batch {p['batch']} ({p['prompt']}/{p['new']}): {p['output_tok_s']:.1f} tok/s, "
+              f"TTFT {p['ttft_ms']:.1f} ms{ratio}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", choices=["demo", "tinyllama"], default="demo")
+    ap.add_argument("--model", help="an existing checkpoint instead of a generated one")
+    ap.add_argument("--scenarios", default="a,b,c")
+    ap.add_argument("--peer", choices=["none", "hf"], default="none")
+    ap.add_argument("--decode-batch-sizes", default="1,2,4,8,16,32,64,128,256")
+    ap.add_argument("--prefill-shapes", default="1x128,1x512,4x128,16x128")
+    ap.add_argument("--max-steps", type=int, default=8)
+    ap.add_argument("--kv-cache-gb", type=float, default=8.0)
+    ap.add_argument("--beam", type=int, default=0)
+    ap.add_argument("--worker-args", default="")
+    ap.add_argument("--skip-worker-only", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / ".cache" / "bench"))
+    args = ap.parse_args()
+    if args.beam:
+        os.environ["JITBEAM"] = str(args.beam)
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from tinygrad import Device
+
+    from bench import worker_only
+    from bench.scenarios import run_scenarios
+    from shared.processes import start_scheduler, start_worker
+    from worker_svc.engine import WorkerEngine, WorkerOptions
+    from worker_svc.__main__ import _int_list, _shapes
+
+    ckpt = checkpoint_for(args)
+    report: dict = dict(shape=args.shape, device=Device.DEFAULT, host=platform.node(), commit=git_commit(),
+                        time=time.strftime("%Y-%m-%d %H:%M:%S"), checkpoint=str(ckpt), args=vars(args))
+    report["bandwidth_gbs"] = worker_only.measure_bandwidth(2.0 if Device.DEFAULT != "CPU" else 0.25)
+    print(f"read bandwidth {report['bandwidth_gbs']:.0f} GB/s", flush=True)
+
+    engine = WorkerEngine(WorkerOptions(model=str(ckpt), decode_batch_sizes=_int_list(args.decode_batch_sizes),
+                                        prefill_shapes=_shapes(args.prefill_shapes), max_steps=args.max_steps,
+                                        kv_cache_gb=args.kv_cache_gb))
+    cfg = engine.config
+    report["weight_bytes"] = engine.weights.nbytes()
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.kv_dim * engine.dtype.itemsize
+    report["worker"] = {"decode": [], "prefill": []} if args.skip_worker_only else worker_only.measure(engine)
+    max_context, vocab = engine.max_context, cfg.vocab_size
+    del engine
+    gc.collect()
+
+    log_dir = out_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    worker = start_worker(ckpt, log_dir, worker_flags(args))
+    try:
+        scheduler = start_scheduler(worker.address, log_dir)
+        try:
+            report["scenarios"] = asyncio.run(run_scenarios(scheduler.address, args.scenarios, vocab, max_context))
+        finally:
+            scheduler.stop()
+    finally:
+        worker.stop()
+    a = next((s for s in report["scenarios"] if s["scenario"].startswith("a")), None)
+    if a:
+        report["floor"] = floor_fraction(a, report["weight_bytes"], kv_per_token, report["bandwidth_gbs"])
+
+    if args.peer == "hf":
+        from bench import peer_hf
+
+        if peer_hf.available():
+            report["peers"] = peer_hf.run(str(ckpt), [(1, 128, 256), (64, 128, 128)])
+        else:
+            print("--peer hf: torch and transformers are not installed here; skipped")
+    print_table(report)
+    path = out_dir / f"bench-{args.shape}-{Device.DEFAULT.lower()}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

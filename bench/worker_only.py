@@ -1,0 +1,93 @@
+"""The worker without gRPC: device bandwidth, decode step time and kernels per bucket, prefill throughput."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from tinygrad import Device, Tensor, dtypes
+from tinygrad.uop.ops import Ops
+
+from worker_svc.engine import WorkerEngine
+from worker_svc.runner import Batch, ModelRunner
+
+
+def sync() -> None:
+    Device[Device.DEFAULT].synchronize()
+
+
+def measure_bandwidth(gigabytes: float) -> float:
+    """Read-only bandwidth in GB/s: the best of a few fp16 reductions over a buffer much larger than any cache."""
+    n = int(gigabytes * 1e9) // 2
+    x = Tensor.ones(n // 4096, 4096, dtype=dtypes.float16).contiguous().realize()
+    best = float("inf")
+    for reduce in (lambda: x.sum(1, dtype=dtypes.float32).realize(), lambda: x.float().sum().realize()):
+        reduce()
+        sync()
+        for _ in range(5):
+            t0 = time.perf_counter()
+            reduce()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+    del x
+    return n * 2 / best / 1e9
+
+
+def kernels_per_step(runner: ModelRunner, shape: tuple[int, int]) -> int:
+    """Kernels in one replay of a bucket's captured graph (graph batches counted by their members)."""
+    linear = runner._jits[shape].captured._linear
+    count = 0
+    for call in linear.src:
+        ast = call.src[0]
+        if ast.op is Ops.PROGRAM:
+            count += 1
+        elif ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph":
+            count += sum(1 for c in ast.src[0].src if c.src[0].op is Ops.PROGRAM)
+    return count
+
+
+def decode_batch(runner: ModelRunner, rows: int, context: int, steps: int) -> Batch:
+    """Every row a real sequence at `context` tokens, each with its own blocks."""
+    b = runner.dummy_batch(rows, 1, num_steps=steps)
+    per_row = -(-(context + steps) // runner.block_size)
+    ids = np.arange(1, 1 + rows * per_row, dtype=np.int32) % (runner.model.cache.num_blocks - 1) + 1
+    b.block_tables[:, :per_row] = ids.reshape(rows, per_row)
+    b.chunk_lens[:], b.positions[:] = 1, context - 1
+    b.token_ids[:] = 7
+    return b
+
+
+def measure(engine: WorkerEngine, context: int = 256, repeats: int = 5) -> dict:
+    runner = engine.runner
+    out: dict = {"decode": [], "prefill": []}
+    steps = runner.max_steps
+    for rows in runner.decode_batch_sizes:
+        if rows * -(-(context + steps) // runner.block_size) >= runner.model.cache.num_blocks:
+            continue  # not enough KV blocks for this many rows at this context
+        batch = decode_batch(runner, rows, context, steps)
+        runner.execute(batch)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.execute(batch)
+            times.append((time.perf_counter() - t0) / steps)
+        step = float(np.median(times))
+        out["decode"].append(dict(rows=rows, context=context, step_ms=step * 1e3, tok_s=rows / step,
+                                  kernels_per_step=kernels_per_step(runner, (rows, 1))))
+    for rows, tokens in runner.prefill_shapes:
+        if tokens == 1:
+            continue
+        b = runner.dummy_batch(rows, tokens)
+        per_row = -(-tokens // runner.block_size)
+        ids = np.arange(1, 1 + rows * per_row, dtype=np.int32) % (runner.model.cache.num_blocks - 1) + 1
+        b.block_tables[:, :per_row] = ids.reshape(rows, per_row)
+        b.chunk_lens[:] = tokens
+        runner.execute(b)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.execute(b)
+            times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        out["prefill"].append(dict(rows=rows, tokens=tokens, ms=t * 1e3, tok_s=rows * tokens / t,
+                                   kernels=kernels_per_step(runner, (rows, tokens))))
+    return out
