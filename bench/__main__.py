@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--skip-worker-only", action="store_true")
     ap.add_argument("--out", default=str(ROOT / ".cache" / "bench"))
     args = ap.parse_args()
+    from worker_svc.compat import configure_environment
+
+    configure_environment()
     if args.beam:
         os.environ["JITBEAM"] = str(args.beam)
     out_dir = pathlib.Path(args.out)

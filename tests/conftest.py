@@ -14,6 +14,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEV", "CPU")
+from worker_svc.compat import configure_environment  # noqa: E402  (before tinygrad is imported)
+
+configure_environment()
 
 from shared.demo_checkpoint import build_checkpoint  # noqa: E402
 from shared.processes import start_scheduler, start_worker  # noqa: E402

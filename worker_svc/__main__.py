@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     setup_logging(args.log_level)
+    from worker_svc.compat import configure_environment
+
+    configure_environment()
     if args.beam:
         os.environ["JITBEAM"] = str(args.beam)  # read by tinygrad at import
 

@@ -44,3 +44,14 @@ def fix_cuda_graph_symbolic_launch_dims() -> None:
 def apply_for(device: str) -> None:
     if device.split(":")[0] == "CUDA":
         fix_cuda_graph_symbolic_launch_dims()
+
+
+def configure_environment() -> None:
+    """Process-wide tinygrad settings; call before tinygrad is imported.
+
+    PARALLEL=0: tinygrad 0.14.0 compiles kernels in a pool of spawned processes and pickles the results back;
+    on CUDA a captured TinyLlama bucket produced a program whose pickling exceeded Python's recursion limit, the
+    pool worker died and warm-up hung. Compiling in-process avoids that and costs little: the layers share kernels."""
+    import os
+
+    os.environ.setdefault("PARALLEL", "0")

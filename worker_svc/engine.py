@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from tinygrad import Device
 
 from shared.llama_config import LlamaConfig
-from worker_svc import compat
 from worker_svc.kv_cache import PagedKVCache
 from worker_svc.model import LlamaModel
 from worker_svc.runner import ModelRunner
@@ -64,7 +63,6 @@ class WorkerEngine:
         self.config = LlamaConfig.load(self.path)
         self.tokenizer = read_tokenizer_info(self.path, self.config)
         self.device = Device.DEFAULT
-        compat.apply_for(self.device)
         self.dtype = compute_dtype_for(self.config, opts.dtype)
         self.max_context = min(opts.max_context or self.config.max_position_embeddings,
                                self.config.max_position_embeddings)

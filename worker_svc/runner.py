@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 
+from worker_svc import compat
 from worker_svc.kv_cache import NULL_BLOCK
 from worker_svc.model import LlamaModel
 from worker_svc.sampling import sample
@@ -50,6 +51,7 @@ class Batch:
 class ModelRunner:
     def __init__(self, model: LlamaModel, decode_batch_sizes: list[int], prefill_shapes: list[tuple[int, int]],
                  max_steps: int = 8):
+        compat.apply_for(model.weights.embed.device)
         self.model = model
         self.block_size = model.cache.block_size
         self.table_width = model.max_blocks_per_seq
