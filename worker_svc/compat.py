@@ -41,7 +41,16 @@ def fix_cuda_graph_symbolic_launch_dims() -> None:
     log.info("applied the CUDA graph launch-dims fix for tinygrad 0.14.0")
 
 
+def allow_deep_graphs() -> None:
+    """tinygrad rewrites UOp graphs recursively and sets a recursion limit of 10,000 when it is imported; a
+    22-layer prefill graph (TinyLlama, 128 tokens) went past it on CUDA. The limit only bounds Python frames."""
+    import sys
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 200_000))
+
+
 def apply_for(device: str) -> None:
+    allow_deep_graphs()
     if device.split(":")[0] == "CUDA":
         fix_cuda_graph_symbolic_launch_dims()
 
