@@ -16,20 +16,24 @@ def sync() -> None:
 
 
 def measure_bandwidth(gigabytes: float) -> float:
-    """Read-only bandwidth in GB/s: the best of a few fp16 reductions over a buffer much larger than any cache."""
+    """Device memory bandwidth in GB/s: the best of fp16 reductions (bytes read) and an elementwise pass (bytes
+    read + written) over a buffer much larger than any cache, each timed after a warm-up run."""
     n = int(gigabytes * 1e9) // 2
     x = Tensor.ones(n // 4096, 4096, dtype=dtypes.float16).contiguous().realize()
-    best = float("inf")
-    for reduce in (lambda: x.sum(1, dtype=dtypes.float32).realize(), lambda: x.float().sum().realize()):
-        reduce()
+    passes = [(lambda: x.sum(1, dtype=dtypes.float32).realize(), n * 2),
+              (lambda: x.float().sum().realize(), n * 2),
+              (lambda: (x + 1).realize(), n * 4)]
+    best = 0.0
+    for run, nbytes in passes:
+        run()
         sync()
         for _ in range(5):
             t0 = time.perf_counter()
-            reduce()
+            run()
             sync()
-            best = min(best, time.perf_counter() - t0)
+            best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
     del x
-    return n * 2 / best / 1e9
+    return best
 
 
 def kernels_per_step(runner: ModelRunner, shape: tuple[int, int]) -> int:

@@ -46,6 +46,8 @@ def allow_deep_graphs() -> None:
     22-layer prefill graph (TinyLlama, 128 tokens) went past it on CUDA. The limit only bounds Python frames."""
     import sys
 
+    import tinygrad.schedule.rangeify  # noqa: F401  (it lowers the limit to 10,000 when first imported)
+
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 200_000))
 
 
