@@ -59,7 +59,8 @@ class Service:
         """log_dir None: the process writes to this terminal."""
         port = port or free_port()
         log_path = log_dir / f"{name}.log" if log_dir else None
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "DEV": os.environ.get("DEV", "CPU")}
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "DEV": os.environ.get("DEV", "CPU")}
         out = log_path.open("w") if log_path else None
         proc = subprocess.Popen([sys.executable, "-m", module, "--host", host, "--port", str(port), *args],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
