@@ -24,9 +24,10 @@ from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# errors after which the worker's KV contents can no longer be trusted: reconnect and recompute
-WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-               grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# the worker went away (crash, restart, network): reconnect, then recompute every running sequence. Any other
+# error is about this batch (a bug, a device failure): its requests are aborted and serving goes on.
+WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+RETRY_EVERY_S = 1.0
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Engine:
         self._inflight: set[Sequence] = set()
         self._task: asyncio.Task | None = None
         self._by_id: dict[str, Sequence] = {}
+        self.restarts = 0  # times a new worker instance was refilled
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self, connect_timeout_s: float = 600.0) -> None:
@@ -74,16 +76,20 @@ class Engine:
         await self.channel.close()
 
     async def _fetch_worker_info(self, timeout_s: float) -> worker_pb2.WorkerInfo:
+        """Waits for the worker (it serves only once its graphs are captured); timeout_s may be inf."""
         deadline = time.monotonic() + timeout_s
+        attempts = 0
         while True:
             try:
                 return await self.stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), wait_for_ready=True,
-                                                     timeout=max(1.0, deadline - time.monotonic()))
+                                                     timeout=max(1.0, min(30.0, deadline - time.monotonic())))
             except grpc.aio.AioRpcError as exc:
                 if time.monotonic() > deadline:
                     raise
-                log.warning("worker %s not ready (%s), retrying", self.worker_address, exc.code().name)
-                await asyncio.sleep(1.0)
+                attempts += 1
+                if attempts % 10 == 1:
+                    log.warning("worker %s not ready (%s), waiting", self.worker_address, exc.code().name)
+                await asyncio.sleep(RETRY_EVERY_S)
 
     # ---- requests ----------------------------------------------------------------------------------------------
     @property
@@ -131,11 +137,12 @@ class Engine:
                 continue
             try:
                 await self._run(batch)
-            except Exception:  # a bug must not stop serving everybody else
+            except Exception as exc:  # a bug or a device failure must not stop serving everybody else
                 log.exception("batch failed; aborting its requests")
+                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else f"internal error: {exc}"
                 for seq in batch.seqs:
                     if not seq.finish:
-                        seq.outbox.put_nowait(seq.abort("internal error"))
+                        seq.outbox.put_nowait(seq.abort(reason))
                     self._finish(seq)
             finally:
                 self._inflight.clear()
@@ -210,10 +217,12 @@ class Engine:
                 self._finish(seq)
         info = await self._fetch_worker_info(timeout_s=float("inf"))
         if info.instance_id != self.info.instance_id:
-            if (info.num_kv_blocks, info.block_size, info.block_table_width) != (
-                    self.info.num_kv_blocks, self.info.block_size, self.info.block_table_width):
-                log.error("restarted worker has a different KV layout; keep its flags the same as before")
+            layout = (info.num_kv_blocks, info.block_size, info.block_table_width, info.max_context)
+            if layout != (self.info.num_kv_blocks, self.info.block_size, self.info.block_table_width,
+                          self.info.max_context):
+                raise RuntimeError("the restarted worker has a different KV cache layout; restart the scheduler too")
             self.blocks.forget_cached_contents()
+            self.restarts += 1
             log.info("worker restarted (instance %s); refilling from the scheduler's state", info.instance_id[:8])
         self.info = info
 

@@ -149,10 +149,13 @@ class Scheduler:
         return True
 
     def preempt_all(self) -> None:
-        """The worker lost its KV contents: every running sequence is recomputed from its tokens."""
+        """The worker lost its KV contents: every sequence is recomputed from its tokens, holding no blocks."""
         for seq in reversed(self.running):
             self.blocks.release(seq.blocks)
             seq.sync_table_row()
             seq.reset_for_recompute()
             self.waiting.appendleft(seq)
         self.running.clear()
+        for seq in self.waiting:  # a waiting head may hold prefix-cache references
+            self.blocks.release(seq.blocks)
+            seq.num_computed = 0

@@ -113,7 +113,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             stats=scheduler_pb2.EngineStats(
                 worker_calls=e.stats.calls, worker_call_seconds=e.stats.wall_seconds,
                 worker_busy_seconds=e.stats.worker_seconds, generated_tokens=e.stats.tokens,
-                preemptions=e.scheduler.num_preemptions))
+                preemptions=e.scheduler.num_preemptions, worker_restarts=e.restarts))
 
 
 async def serve(engine: Engine, host: str, port: int) -> tuple[grpc.aio.Server, int]:

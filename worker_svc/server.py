@@ -19,10 +19,12 @@ log = logging.getLogger(__name__)
 
 
 def _array(data: bytes, dtype, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A writable copy: tinygrad's CUDA copy-in takes the address of the host buffer, which a read-only
+    np.frombuffer view of the request's bytes refuses ("underlying buffer is not writable")."""
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if len(data) != expected:
         raise BatchError(f"{name}: expected {expected} bytes for shape {shape}, got {len(data)}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
 def decode_request(req: worker_pb2.ExecuteRequest, width: int) -> Batch:
@@ -69,6 +71,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 elapsed = time.perf_counter() - t0
         except BatchError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a failure on the device: say so plainly, keep serving
+            log.exception("Execute failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"worker failed to run the batch: {type(exc).__name__}: {exc}")
         return worker_pb2.ExecuteResponse(token_ids=np.ascontiguousarray(tokens, np.int32).tobytes(),
                                           device_seconds=elapsed)
 
