@@ -33,6 +33,8 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "LlamaConfig":
         heads = raw["num_attention_heads"]
+        # transformers >= 5 writes "rope_parameters" (rope_theta inside it); older versions "rope_scaling"
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -45,8 +47,8 @@ class LlamaConfig:
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=raw.get("rope_theta", 10000.0),
-            rope_scaling=raw.get("rope_scaling"),
+            rope_theta=raw.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype") or "float32",
             bos_token_id=raw.get("bos_token_id"),
@@ -63,8 +65,13 @@ class LlamaConfig:
         half = self.head_dim // 2
         inv = [1.0 / (self.rope_theta ** (2 * i / self.head_dim)) for i in range(half)]
         scaling = self.rope_scaling or {}
-        if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "default":
             return inv
+        if kind == "linear":
+            return [f / scaling["factor"] for f in inv]
+        if kind != "llama3":
+            raise NotImplementedError(f"rope scaling {kind!r} is not supported (default, linear and llama3 are)")
         import math
         factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
         old_ctx = scaling.get("original_max_position_embeddings", 8192)

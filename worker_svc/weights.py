@@ -69,7 +69,12 @@ def load_weights(checkpoint_dir: str | pathlib.Path, config: LlamaConfig, dtype:
     def take(name: str) -> Tensor:
         if name not in raw:
             raise ValueError(f"checkpoint has no tensor {name!r}")
-        return raw[name].to(device).cast(dtype)
+        t = raw[name]
+        if t.dtype == dtypes.bfloat16:
+            # bf16 is the top half of an fp32: widen with integer ops, which every backend compiles (tinygrad's
+            # clang backend cannot convert __bf16, so TinyLlama's bf16 weights would not load on DEV=CPU)
+            return (t.bitcast(dtypes.uint16).to(device).cast(dtypes.uint32) << 16).bitcast(dtypes.float32).cast(dtype)
+        return t.to(device).cast(dtype)
 
     def fused(*names: str) -> Tensor:
         return Tensor.cat(*[take(n) for n in names], dim=0).contiguous()
