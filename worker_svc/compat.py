@@ -41,18 +41,27 @@ def fix_cuda_graph_symbolic_launch_dims() -> None:
     log.info("applied the CUDA graph launch-dims fix for tinygrad 0.14.0")
 
 
-def allow_deep_graphs() -> None:
-    """tinygrad rewrites UOp graphs recursively and sets a recursion limit of 10,000 when it is imported; a
-    22-layer prefill graph (TinyLlama, 128 tokens) went past it on CUDA. The limit only bounds Python frames."""
-    import sys
+def simplify_symbolic_estimates() -> None:
+    """tinygrad 0.14.0 sums a kernel's FLOP estimate op by op (renderer Estimates.from_uops) and keeps the sum
+    unsimplified. With a symbolic size (our attention's block count) a large kernel's estimate becomes a chain of
+    ~1,200 nested adds; tinygrad hashes kernels by repr(), and repr() of that chain exceeds Python 3.12's C
+    recursion limit (RecursionError at warm-up, seen on CUDA sm_90 for batch 256 and multi-row prefill).
+    Simplified, the same estimate is `num_blocks * constant`."""
+    if "estimates" in _applied:
+        return
+    from tinygrad.renderer import Estimates
 
-    import tinygrad.schedule.rangeify  # noqa: F401  (it lowers the limit to 10,000 when first imported)
+    original = Estimates.from_uops
 
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 200_000))
+    def from_uops(uops, ignore_indexing=False):
+        return original(uops, ignore_indexing).simplify()
+
+    Estimates.from_uops = staticmethod(from_uops)
+    _applied.add("estimates")
 
 
 def apply_for(device: str) -> None:
-    allow_deep_graphs()
+    simplify_symbolic_estimates()
     if device.split(":")[0] == "CUDA":
         fix_cuda_graph_symbolic_launch_dims()
 
@@ -60,9 +69,10 @@ def apply_for(device: str) -> None:
 def configure_environment() -> None:
     """Process-wide tinygrad settings; call before tinygrad is imported.
 
-    PARALLEL=0: tinygrad 0.14.0 compiles kernels in a pool of spawned processes and pickles the results back;
-    on CUDA a captured TinyLlama bucket produced a program whose pickling exceeded Python's recursion limit, the
-    pool worker died and warm-up hung. Compiling in-process avoids that and costs little: the layers share kernels."""
+    PARALLEL=0: tinygrad 0.14.0 compiles kernels in a pool of spawned processes and pickles the results back.
+    Those processes do not get simplify_symbolic_estimates, and on CUDA pickling a TinyLlama kernel's unsimplified
+    estimate exceeded the recursion limit: the pool worker died and warm-up hung. Compiling in-process avoids
+    that and costs little, because the layers share their kernels."""
     import os
 
     os.environ.setdefault("PARALLEL", "0")

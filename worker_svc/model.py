@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tinygrad import Tensor, UOp, dtypes
+from tinygrad import Tensor, UOp
 
 from shared.llama_config import LlamaConfig
 from worker_svc.kv_cache import PagedKVCache
