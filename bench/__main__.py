@@ -57,9 +57,10 @@ def print_table(report: dict) -> None:
     print(f"\n== tinyvllm bench: {report['shape']} on {report['device']}, commit {report['commit']} ==")
     print(f"measured read bandwidth: {report['bandwidth_gbs']:.0f} GB/s; weights {report['weight_bytes'] / 1e9:.3f} GB")
     print("\nworker only (no gRPC), decode at context 256:")
-    print(f"{'rows':>5} {'step ms':>9} {'tok/s':>10} {'kernels':>8}")
+    print(f"{'rows':>5} {'step ms':>9} {'tok/s':>10} {'kernels':>8} {'(top-k/p)':>9}")
     for d in report["worker"]["decode"]:
-        print(f"{d['rows']:>5} {d['step_ms']:>9.3f} {d['tok_s']:>10.1f} {d['kernels_per_step']:>8}")
+        print(f"{d['rows']:>5} {d['step_ms']:>9.3f} {d['tok_s']:>10.1f} {d['kernels_per_step']:>8} "
+              f"{d['kernels_per_step_top_k_p']:>9}")
     for p in report["worker"]["prefill"]:
         print(f"prefill {p['rows']}x{p['tokens']}: {p['ms']:.2f} ms, {p['tok_s']:.0f} tok/s, {p['kernels']} kernels")
     print("\nthrough gRPC (scheduler + worker):")

@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
-from tinygrad.uop.ops import Ops
 
 from worker_svc.engine import WorkerEngine
 from worker_svc.runner import Batch, ModelRunner
@@ -36,19 +35,6 @@ def measure_bandwidth(gigabytes: float) -> float:
     return best
 
 
-def kernels_per_step(runner: ModelRunner, shape: tuple[int, int]) -> int:
-    """Kernels in one replay of a bucket's captured graph (graph batches counted by their members)."""
-    linear = runner._jits[shape].captured._linear
-    count = 0
-    for call in linear.src:
-        ast = call.src[0]
-        if ast.op is Ops.PROGRAM:
-            count += 1
-        elif ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph":
-            count += sum(1 for c in ast.src[0].src if c.src[0].op is Ops.PROGRAM)
-    return count
-
-
 def decode_batch(runner: ModelRunner, rows: int, context: int, steps: int) -> Batch:
     """Every row a real sequence at `context` tokens, each with its own blocks."""
     b = runner.dummy_batch(rows, 1, num_steps=steps)
@@ -76,7 +62,8 @@ def measure(engine: WorkerEngine, context: int = 256, repeats: int = 5) -> dict:
             times.append((time.perf_counter() - t0) / steps)
         step = float(np.median(times))
         out["decode"].append(dict(rows=rows, context=context, step_ms=step * 1e3, tok_s=rows / step,
-                                  kernels_per_step=kernels_per_step(runner, (rows, 1))))
+                                  kernels_per_step=runner.kernels_per_step(rows, 1, filters=False),
+                                  kernels_per_step_top_k_p=runner.kernels_per_step(rows, 1, filters=True)))
     for rows, tokens in runner.prefill_shapes:
         if tokens == 1:
             continue
@@ -93,5 +80,5 @@ def measure(engine: WorkerEngine, context: int = 256, repeats: int = 5) -> dict:
             times.append(time.perf_counter() - t0)
         t = float(np.median(times))
         out["prefill"].append(dict(rows=rows, tokens=tokens, ms=t * 1e3, tok_s=rows * tokens / t,
-                                   kernels=kernels_per_step(runner, (rows, tokens))))
+                                   kernels=runner.kernels_per_step(rows, tokens, filters=False)))
     return out

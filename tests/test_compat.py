@@ -33,7 +33,7 @@ def test_symbolic_kernel_estimates_stay_shallow(demo_checkpoint):
         return d[u]
 
     symbolic = 0
-    for call in runner._jits[(2, 1)].captured._linear.toposort():
+    for call in runner.captured()[(2, 1, True)]._linear.toposort():
         if call.op is Ops.SINK and getattr(call.arg, "estimates", None) is not None:
             for value in (call.arg.estimates.ops, call.arg.estimates.lds, call.arg.estimates.mem):
                 if isinstance(value, UOp):

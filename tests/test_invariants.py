@@ -57,12 +57,12 @@ def random_batch(r: ModelRunner, rng: np.random.Generator, rows: int, tokens: in
 
 
 def captured_graphs(r: ModelRunner) -> dict:
-    return {shape: id(jit.captured) for shape, jit in r._jits.items()}
+    return {key: id(graph) for key, graph in r.captured().items()}
 
 
 def test_no_compilation_or_capture_after_warm_up(runner):
     programs, graphs = len(to_program_cache), captured_graphs(runner)
-    assert all(g != id(None) for g in graphs.values())
+    assert all(g != id(None) for g in graphs.values()) and len(graphs) == 2 * len(runner.buckets)
     rng = np.random.default_rng(0)
     for _ in range(50):
         rows, tokens = runner.buckets[rng.integers(len(runner.buckets))]

@@ -55,8 +55,10 @@ class LlamaModel:
         sin = self.rope_sin[positions].reshape(B, T, 1, hd // 2)
         tables = block_tables[:, :num_blocks]
         key_pos = self.key_positions[:num_blocks * self.cache.block_size]
-        # causal mask over the gathered context: key slot s is visible to a query at position p when s <= p
+        # causal mask over the gathered context: key slot s is visible to a query at position p when s <= p;
+        # laid out like the attention scores, (B, 1, group * T, S), one row per (query head in group, token)
         visible = (key_pos.reshape(1, 1, -1) <= positions.reshape(B, T, 1)).reshape(B, 1, 1, T, -1)
+        visible = visible.expand(B, 1, group, T, visible.shape[-1]).reshape(B, 1, group * T, -1)
         flat_slots = slots.reshape(B * T)
         scale = 1.0 / math.sqrt(hd)
 
@@ -71,12 +73,16 @@ class LlamaModel:
             pool = self.cache.write(i, k.reshape(B * T, cfg.kv_dim), v.reshape(B * T, cfg.kv_dim), flat_slots)
             keys, values = self.cache.gather(pool, tables)  # (B, S, KV, hd)
 
-            qg = q.reshape(B, T, KV, group, hd).permute(0, 2, 3, 1, 4).cast(keys.dtype)  # (B, KV, G, T, hd)
-            kt = keys.permute(0, 2, 3, 1).reshape(B, KV, 1, hd, -1)  # (B, KV, 1, hd, S)
-            scores = (qg @ kt).float() * scale  # (B, KV, G, T, S)
-            probs = visible.where(scores, -math.inf).softmax(-1).cast(values.dtype)
-            vt = values.permute(0, 2, 1, 3).reshape(B, KV, 1, -1, hd)  # (B, KV, 1, S, hd)
-            attn = (probs @ vt).permute(0, 3, 1, 2, 4).reshape(B, T, q_dim)
+            # GQA without repeating K and V: the query heads sharing a KV head are the rows of one matmul; the
+            # softmax is normalised after P @ V, so the probabilities are never written out (one kernel less)
+            qg = q.reshape(B, T, KV, group, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, group * T, hd)
+            kt = keys.permute(0, 2, 3, 1)  # (B, KV, hd, S)
+            scores = (qg.cast(keys.dtype) @ kt).float() * scale  # (B, KV, G*T, S)
+            scores = visible.where(scores, -math.inf)
+            weights = (scores - scores.max(-1, keepdim=True)).exp()
+            vt = values.permute(0, 2, 1, 3)  # (B, KV, S, hd)
+            attn = (weights.cast(values.dtype) @ vt).float() / weights.sum(-1, keepdim=True)  # (B, KV, G*T, hd)
+            attn = attn.reshape(B, KV, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, q_dim)
             x = x + (attn.cast(layer.wo.dtype) @ layer.wo.T).float()
 
             h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)

@@ -5,12 +5,14 @@ next, so the gRPC round trip and the host work are paid once per call rather tha
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
+from tinygrad.uop.ops import Ops
 
 from worker_svc import compat
 from worker_svc.kv_cache import NULL_BLOCK
@@ -59,7 +61,10 @@ class ModelRunner:
         self.decode_batch_sizes = sorted(set(decode_batch_sizes))
         self.prefill_shapes = sorted(set(prefill_shapes), key=lambda s: (s[1], s[0]))
         self.buckets = [(b, 1) for b in self.decode_batch_sizes] + [s for s in self.prefill_shapes if s[1] > 1]
-        self._jits: dict[tuple[int, int], TinyJit] = {shape: TinyJit(self._step) for shape in self.buckets}
+        # two graphs per bucket: with the top-k/top-p search, and without it for batches that need none
+        self._jits: dict[tuple[int, int, bool], TinyJit] = {
+            (*shape, filters): TinyJit(functools.partial(self._step, filters=filters))
+            for shape in self.buckets for filters in (False, True)}
         # per bucket, the tokens sampled at each step of a call: read back once per call, and read by the graph
         # itself as the next step's input, so multi-step decode never waits on the host
         self._sampled = {shape: Tensor.zeros(shape[0], max_steps, dtype=dtypes.int32).contiguous().realize()
@@ -68,10 +73,11 @@ class ModelRunner:
         self._blocks_var = UOp.variable("num_blocks", 1, self.table_width)
 
     # ---- the captured computation ----------------------------------------------------------------------------
-    def _step(self, tokens: Tensor, meta: Tensor, step: UOp, num_blocks: UOp) -> Tensor:
+    def _step(self, tokens: Tensor, meta: Tensor, step: UOp, num_blocks: UOp, filters: bool) -> Tensor:
         """One forward + sample for every row; `step` offsets positions and RNG counters inside multi-step calls.
 
-        Step 0 reads `tokens`; step s > 0 reads the tokens sampled at step s - 1 from the bucket's sampled buffer."""
+        Step 0 reads `tokens`; step s > 0 reads the tokens sampled at step s - 1 from the bucket's sampled buffer.
+        `filters` (fixed per graph) includes the top-k/top-p search."""
         B, T = tokens.shape
         sampled = self._sampled[(B, T)]
         previous = (sampled * (Tensor.arange(self.max_steps) == Tensor(step) - 1).reshape(1, -1)).sum(1, keepdim=True)
@@ -89,13 +95,13 @@ class ModelRunner:
         logits = self.model.logits(tokens, positions.cast(dtypes.int32), slots, tables, num_blocks, last)
         next_tokens = sample(logits, meta[:, TEMPERATURE].bitcast(dtypes.float32), meta[:, TOP_K],
                              meta[:, TOP_P].bitcast(dtypes.float32), meta[:, SEED].bitcast(dtypes.uint32),
-                             (meta[:, COUNTER] + step).bitcast(dtypes.uint32))
+                             (meta[:, COUNTER] + step).bitcast(dtypes.uint32), filters=filters)
         store = sampled.uop.shrink(((0, B), (step, step + 1))).store(next_tokens.reshape(B, 1).uop)
         return Tensor(sampled.uop.after(store))
 
     # ---- host side -------------------------------------------------------------------------------------------
     def check_bucket(self, rows: int, tokens: int) -> None:
-        if (rows, tokens) not in self._jits:
+        if (rows, tokens) not in self.buckets:
             raise BatchError(f"batch shape {(rows, tokens)} is not a bucket; buckets are {self.buckets}")
 
     def validate(self, batch: Batch) -> tuple[int, int]:
@@ -145,7 +151,8 @@ class ModelRunner:
     def execute(self, batch: Batch) -> np.ndarray:
         """Run the batch; returns the sampled token ids, (B, num_steps) int32. Two host-to-device copies per call."""
         B, T = self.validate(batch)
-        jit = self._jits[(B, T)]
+        filters = bool(((batch.top_k > 0) | (batch.top_p < 1.0)).any())
+        jit = self._jits[(B, T, filters)]
         tokens = Tensor(np.ascontiguousarray(batch.token_ids, dtype=np.int32))
         meta = Tensor(self._pack_meta(batch))
         num_blocks = self._blocks_var.bind(self.blocks_to_read(batch))
@@ -153,14 +160,31 @@ class ModelRunner:
             sampled = jit(tokens, meta, self._step_var.bind(s), num_blocks)
         return sampled.numpy()[:, :batch.num_steps]
 
+    def captured(self) -> dict[tuple[int, int, bool], object]:
+        """The captured graph of every (rows, tokens, filters) variant; None where not yet captured."""
+        return {key: jit.captured for key, jit in self._jits.items()}
+
+    def kernels_per_step(self, rows: int, tokens: int, filters: bool) -> int:
+        """Kernels one replay launches (members of a device graph counted one by one)."""
+        count = 0
+        for call in self._jits[(rows, tokens, filters)].captured._linear.src:
+            ast = call.src[0]
+            if ast.op is Ops.PROGRAM:
+                count += 1
+            elif ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph":
+                count += sum(1 for c in ast.src[0].src if c.src[0].op is Ops.PROGRAM)
+        return count
+
     def warm_up(self, progress: bool = True) -> None:
         """Capture every bucket's graph now (call 1 runs eagerly, call 2 captures), so serving compiles nothing."""
         from tqdm import tqdm
 
         for B, T in tqdm(self.buckets, desc="capturing graphs", unit="bucket", disable=not progress):
-            dummy = self.dummy_batch(B, T)
-            for _ in range(3):
-                self.execute(dummy)
+            for filters in (False, True):
+                dummy = self.dummy_batch(B, T)
+                dummy.top_k[:] = 5 if filters else 0
+                for _ in range(3):
+                    self.execute(dummy)
 
     def dummy_batch(self, B: int, T: int, num_steps: int = 1) -> Batch:
         """Padding rows only: every write goes to the null block, nothing real is touched."""

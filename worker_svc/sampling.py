@@ -48,13 +48,28 @@ def _largest_passing(values: Tensor, lo: Tensor, hi: Tensor, passes) -> Tensor:
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor,
-           counters: Tensor) -> Tensor:
-    """Token ids (B,) int32. temperature <= 0 is greedy; top_k <= 0 and top_p >= 1 switch those filters off."""
+           counters: Tensor, filters: bool = True) -> Tensor:
+    """Token ids (B,) int32. temperature <= 0 is greedy; top_k <= 0 and top_p >= 1 switch those filters off.
+
+    filters=False leaves the top-k/top-p search out of the graph (a third of a small model's kernels); a row
+    with both filters off gets the same token either way, so the runner may pick whichever graph fits the batch."""
     B, V = logits.shape
     logits = logits.float()
     greedy = logits.argmax(-1).cast(dtypes.int32)
 
     scaled = logits / temperature.reshape(B, 1).maximum(1e-6)
+    if filters:
+        scaled = _top_k_top_p(scaled, top_k, top_p)
+
+    # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T)
+    gumbel = -(-uniform_noise(seeds, counters, V).log()).log()
+    drawn = (scaled + gumbel).argmax(-1).cast(dtypes.int32)
+    return (temperature <= 0).where(greedy, drawn)
+
+
+def _top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Temperature-scaled logits with the tokens outside each row's top-k and top-p set to -inf."""
+    B, V = scaled.shape
     # top-k: keep logits >= the largest threshold that still leaves at least k of them
     k = (top_k <= 0).where(V, top_k.minimum(V)).reshape(B, 1, 1).float()
     vals = scaled.reshape(B, 1, V)
@@ -69,9 +84,4 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
     zero, pmax = probs.min(-1, keepdim=True) * 0, probs.max(-1, keepdim=True)
     cut = _largest_passing(probs, zero, pmax, lambda t: ((pvals >= t).where(pvals, 0).sum(-1) >= p))
     cut = (p >= 1.0).where(0.0, cut)
-    scaled = (probs >= cut).where(scaled, -float("inf"))
-
-    # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T)
-    gumbel = -(-uniform_noise(seeds, counters, V).log()).log()
-    drawn = (scaled + gumbel).argmax(-1).cast(dtypes.int32)
-    return (temperature <= 0).where(greedy, drawn)
+    return (probs >= cut).where(scaled, -float("inf"))
