@@ -17,7 +17,7 @@ import numpy as np
 
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler
-from scheduler_svc.sequence import Delta, Finish, Sampling, Sequence
+from scheduler_svc.sequence import Sampling, Sequence
 from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
 from shared.service import GRPC_OPTIONS
 from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
@@ -230,5 +230,3 @@ class Engine:
     def counts(self) -> tuple[int, int]:
         return len(self.scheduler.running), len(self.scheduler.waiting)
 
-
-__all__ = ["Engine", "Delta", "Finish", "Sampling"]

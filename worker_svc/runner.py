@@ -1,4 +1,4 @@
-"""Runs fixed-shape batches: one TinyJit graph per (rows, tokens) bucket, captured at warm-up and replayed.
+"""Runs fixed-shape batches: TinyJit graphs per (rows, tokens) bucket, captured at warm-up and replayed.
 
 A decode call may run several steps back to back on the device, feeding each step's sampled tokens into the
 next, so the gRPC round trip and the host work are paid once per call rather than once per token.
@@ -6,7 +6,6 @@ next, so the gRPC round trip and the host work are paid once per call rather tha
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass
 
@@ -18,8 +17,6 @@ from worker_svc import compat
 from worker_svc.kv_cache import NULL_BLOCK
 from worker_svc.model import LlamaModel
 from worker_svc.sampling import sample
-
-log = logging.getLogger(__name__)
 
 # columns of the per-row metadata buffer that goes to the device in one copy, before the block table
 POS, CHUNK_LEN, TEMPERATURE, TOP_P, TOP_K, SEED, COUNTER = range(7)
