@@ -73,15 +73,17 @@ class LlamaModel:
             pool = self.cache.write(i, k.reshape(B * T, cfg.kv_dim), v.reshape(B * T, cfg.kv_dim), flat_slots)
             keys, values = self.cache.gather(pool, tables)  # (B, S, KV, hd)
 
-            # GQA without repeating K and V: the query heads sharing a KV head are the rows of one matmul; the
-            # softmax is normalised after P @ V, so the probabilities are never written out (one kernel less)
+            # GQA without repeating K and V: the query heads sharing a KV head are the rows of one matmul
             qg = q.reshape(B, T, KV, group, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, group * T, hd)
             kt = keys.permute(0, 2, 3, 1)  # (B, KV, hd, S)
             scores = (qg.cast(keys.dtype) @ kt).float() * scale  # (B, KV, G*T, S)
             scores = visible.where(scores, -math.inf)
-            weights = (scores - scores.max(-1, keepdim=True)).exp()
             vt = values.permute(0, 2, 1, 3)  # (B, KV, S, hd)
-            attn = (weights.cast(values.dtype) @ vt).float() / weights.sum(-1, keepdim=True)  # (B, KV, G*T, hd)
+            if T == 1:  # decode: one kernel fewer matters more than computing exp() twice
+                weights = (scores - scores.max(-1, keepdim=True)).exp()
+                attn = (weights.cast(values.dtype) @ vt).float() / weights.sum(-1, keepdim=True)  # (B, KV, G, hd)
+            else:  # prefill: T x S exponentials are worth storing once
+                attn = (scores.softmax(-1).cast(values.dtype) @ vt).float()  # (B, KV, G*T, hd)
             attn = attn.reshape(B, KV, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, q_dim)
             x = x + (attn.cast(layer.wo.dtype) @ layer.wo.T).float()
 
