@@ -62,12 +62,18 @@ class Scheduler:
 
     # ---- policy -------------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        self._admit()
-        prefill = [s for s in self.running if s.in_prefill]
-        if prefill:
-            return self._prefill_batch(prefill)
-        decode = [s for s in self.running if s.num_pending == 1]
-        return self._decode_batch(decode) if decode else None
+        """The next batch, or None when nothing can run. A pass that only freed blocks (by preempting) is
+        followed by another, so the caller never waits for a wake-up while runnable work exists."""
+        for _ in range(len(self.running) + len(self.waiting) + 1):
+            self._admit()
+            prefill = [s for s in self.running if s.in_prefill]
+            batch = self._prefill_batch(prefill) if prefill else None
+            if batch is None:
+                decode = [s for s in self.running if s.num_pending == 1]
+                batch = self._decode_batch(decode) if decode else None
+            if batch is not None or not self.running:
+                return batch
+        return None
 
     def _admit(self) -> None:
         """Moves waiting sequences to running while rows and blocks for their first chunk are free."""
@@ -80,9 +86,10 @@ class Scheduler:
                     seq.cached_prompt_tokens = seq.num_computed
             first_chunk = min(seq.num_pending, self.prefill_shapes[-1][1])
             if not self.blocks.can_grow(seq.blocks, seq.num_computed + first_chunk):
-                if not self.running:  # nothing will free blocks for it: take what is left
-                    log.warning("request %s waits for KV blocks with nothing running", seq.request_id)
-                break
+                # nothing running will free blocks: take back what other waiting sequences hold and retry
+                if self.running or not self._release_waiting(keep=seq):
+                    break
+                continue
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -134,7 +141,10 @@ class Scheduler:
         return ScheduledBatch(ready, rows, 1, [1] * len(ready), num_steps=steps)
 
     def _preempt_youngest(self, keep: Sequence | None = None) -> bool:
-        """Frees the blocks of the most recently admitted running sequence (not `keep`); False if none."""
+        """Frees blocks: first the prefix-cache references a waiting sequence holds, then the blocks of the most
+        recently admitted running sequence (not `keep`). False if there was nothing to free."""
+        if self._release_waiting():
+            return True
         victims = [s for s in self.running if s is not keep]
         if not victims:
             return False
@@ -147,6 +157,15 @@ class Scheduler:
         self.num_preemptions += 1
         log.info("preempted %s (%d tokens) to free KV blocks", victim.request_id, len(victim.tokens))
         return True
+
+    def _release_waiting(self, keep: Sequence | None = None) -> bool:
+        """Drops the prefix-cache references held by waiting sequences (not `keep`); False if none held any."""
+        holding = [s for s in self.waiting if s.blocks.block_ids and s is not keep]
+        for seq in holding:
+            self.blocks.release(seq.blocks)
+            seq.sync_table_row()
+            seq.num_computed = 0
+        return bool(holding)
 
     def preempt_all(self) -> None:
         """The worker lost its KV contents: every sequence is recomputed from its tokens, holding no blocks."""

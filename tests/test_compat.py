@@ -1,4 +1,6 @@
 """The tinygrad 0.14.0 workarounds in worker_svc.compat (the CUDA graph itself is exercised on a GPU only)."""
+import pytest
+
 from worker_svc.compat import clamp_launch_dims
 
 
@@ -23,7 +25,10 @@ def test_symbolic_kernel_estimates_stay_shallow(demo_checkpoint):
     cfg = LlamaConfig.load(demo_checkpoint)
     dtype = compute_dtype_for(cfg)
     cache = PagedKVCache(cfg.num_hidden_layers, 16, 16, cfg.num_key_value_heads, cfg.head_dim, dtype, Device.DEFAULT)
-    runner = ModelRunner(LlamaModel(cfg, load_weights(demo_checkpoint, cfg, dtype), cache, 128), [2], [], max_steps=2)
+    model = LlamaModel(cfg, load_weights(demo_checkpoint, cfg, dtype), cache, 128)
+    with pytest.raises(ValueError, match="prefill shape"):
+        ModelRunner(model, [2], [], max_steps=2)  # the scheduler needs a prefill bucket
+    runner = ModelRunner(model, [2], [(1, 16)], max_steps=2)
     runner.warm_up(progress=False)
 
     def depth(u: UOp) -> int:

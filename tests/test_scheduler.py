@@ -86,3 +86,43 @@ def test_removal_returns_blocks(sched):
     assert sched.blocks.num_free < sched.blocks.total_blocks
     sched.remove(s)
     assert sched.blocks.num_free == sched.blocks.total_blocks and not sched.has_work
+
+
+def test_cached_prefix_held_by_a_waiting_request_never_stalls_decode():
+    """A waiting request's prefix-cache hits pin blocks; when the only running sequence needs them, they are
+    taken back instead of the engine waiting for a wake-up that never comes."""
+    blocks = BlockManager(num_blocks=9, block_size=4)  # 8 usable
+    sched = Scheduler(blocks, decode_batch_sizes=[1, 2, 4], prefill_shapes=[(1, 32)], max_steps=4)
+    cached = seq(17, rid="cached")
+    sched.add(cached)
+    finish_step(sched.schedule())
+    blocks.register_full_blocks(cached.blocks, cached.tokens, cached.num_computed)
+    sched.remove(cached)  # its 4 full blocks stay cached in the free list
+
+    runner = Sequence("runner", list(range(500, 515)), Sampling(max_tokens=20), max_length=256,
+                      detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset())
+    sched.add(runner)
+    finish_step(sched.schedule())  # 15 prompt tokens + 1 new: 4 blocks
+    waiting = seq(18, rid="waiting")  # shares the cached 16-token prefix
+    sched.add(waiting)
+    batch = sched.schedule()
+    assert batch is not None and batch.seqs == [runner] and not batch.is_prefill
+    assert waiting.status is Status.WAITING and waiting.blocks.block_ids == []
+
+
+def test_waiting_requests_holding_blocks_do_not_block_admission():
+    blocks = BlockManager(num_blocks=5, block_size=4)  # 4 usable
+    sched = Scheduler(blocks, decode_batch_sizes=[1], prefill_shapes=[(1, 16)], max_steps=1)
+    a = seq(9, rid="a")
+    sched.add(a)
+    finish_step(sched.schedule())
+    blocks.register_full_blocks(a.blocks, a.tokens, a.num_computed)
+    sched.remove(a)
+    b = seq(10, rid="b")  # shares a's two full blocks
+    blocks.allocate_prompt(b.blocks, b.tokens)
+    sched.waiting.append(b)  # as if it had been looked at for admission before
+    c = Sequence("c", list(range(700, 715)), Sampling(), max_length=256, detokenizer=NullDetokenizer(),
+                 table_width=16, eos_ids=frozenset())  # 15 tokens: all 4 blocks
+    sched.waiting.appendleft(c)  # e.g. a preempted sequence goes back to the front
+    batch = sched.schedule()
+    assert batch is not None and batch.seqs == [c]

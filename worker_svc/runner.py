@@ -58,6 +58,8 @@ class ModelRunner:
         self.decode_batch_sizes = sorted(set(decode_batch_sizes))
         self.prefill_shapes = sorted(set(prefill_shapes), key=lambda s: (s[1], s[0]))
         self.buckets = [(b, 1) for b in self.decode_batch_sizes] + [s for s in self.prefill_shapes if s[1] > 1]
+        if not any(t > 1 for _, t in self.prefill_shapes) or not self.decode_batch_sizes:
+            raise ValueError("need at least one decode batch size and one prefill shape of more than one token")
         # two graphs per bucket: with the top-k/top-p search, and without it for batches that need none
         self._jits: dict[tuple[int, int, bool], TinyJit] = {
             (*shape, filters): TinyJit(functools.partial(self._step, filters=filters))
