@@ -13,19 +13,12 @@ def test_zero_sized_launch_dims_are_clamped_for_graph_construction():
 def test_symbolic_kernel_estimates_stay_shallow(demo_checkpoint):
     """Unsimplified, the FLOP estimate of a kernel with a symbolic size is a chain of one add per op; its repr()
     (tinygrad hashes kernels by repr) overflowed Python 3.12's C recursion limit at TinyLlama scale."""
-    from tinygrad import Device
     from tinygrad.uop.ops import Ops, UOp
 
-    from shared.llama_config import LlamaConfig
-    from worker_svc.kv_cache import PagedKVCache
-    from worker_svc.model import LlamaModel
+    from tests.models import build_model
     from worker_svc.runner import ModelRunner
-    from worker_svc.weights import compute_dtype_for, load_weights
 
-    cfg = LlamaConfig.load(demo_checkpoint)
-    dtype = compute_dtype_for(cfg)
-    cache = PagedKVCache(cfg.num_hidden_layers, 16, 16, cfg.num_key_value_heads, cfg.head_dim, dtype, Device.DEFAULT)
-    model = LlamaModel(cfg, load_weights(demo_checkpoint, cfg, dtype), cache, 128)
+    model = build_model(demo_checkpoint, num_blocks=16)
     with pytest.raises(ValueError, match="prefill shape"):
         ModelRunner(model, [2], [], max_steps=2)  # the scheduler needs a prefill bucket
     runner = ModelRunner(model, [2], [(1, 16)], max_steps=2)

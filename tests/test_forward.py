@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tinygrad import Device, Tensor, UOp
+from tinygrad import Tensor, UOp
 
 from shared.demo_checkpoint import build_checkpoint
-from shared.llama_config import LlamaConfig
+from tests.models import build_model
 from tests.reference import NumpyLlama
-from worker_svc.kv_cache import PagedKVCache
 from worker_svc.model import LlamaModel
-from worker_svc.weights import compute_dtype_for, load_weights
 
 BLOCK = 16
 MAX_CONTEXT = 128
@@ -27,11 +25,7 @@ def checkpoint(request, demo_checkpoint, tmp_path_factory):
 
 
 def make_model(path) -> LlamaModel:
-    cfg = LlamaConfig.load(path)
-    dtype = compute_dtype_for(cfg)
-    cache = PagedKVCache(cfg.num_hidden_layers, 32, BLOCK, cfg.num_key_value_heads, cfg.head_dim, dtype,
-                         Device.DEFAULT)
-    return LlamaModel(cfg, load_weights(path, cfg, dtype), cache, MAX_CONTEXT)
+    return build_model(path, num_blocks=32, max_context=MAX_CONTEXT, block_size=BLOCK)
 
 
 def run(model: LlamaModel, rows: list[tuple[list[int], int, list[int]]], T: int) -> np.ndarray:

@@ -12,22 +12,15 @@ from tinygrad.codegen import to_program_cache
 from tinygrad.helpers import GlobalCounters
 from tinygrad.uop.ops import PatternMatcher
 
-from shared.llama_config import LlamaConfig
-from worker_svc.kv_cache import PagedKVCache
-from worker_svc.model import LlamaModel
+from tests.models import build_model
 from worker_svc.runner import Batch, ModelRunner
-from worker_svc.weights import compute_dtype_for, load_weights
 
 BLOCK, MAX_CONTEXT, NUM_BLOCKS = 16, 128, 64
 
 
 @pytest.fixture(scope="module")
 def runner(demo_checkpoint) -> ModelRunner:
-    cfg = LlamaConfig.load(demo_checkpoint)
-    dtype = compute_dtype_for(cfg)
-    cache = PagedKVCache(cfg.num_hidden_layers, NUM_BLOCKS, BLOCK, cfg.num_key_value_heads, cfg.head_dim, dtype,
-                         Device.DEFAULT)
-    model = LlamaModel(cfg, load_weights(demo_checkpoint, cfg, dtype), cache, MAX_CONTEXT)
+    model = build_model(demo_checkpoint, NUM_BLOCKS, MAX_CONTEXT, BLOCK)
     r = ModelRunner(model, decode_batch_sizes=[1, 2, 4], prefill_shapes=[(1, 16), (2, 16)], max_steps=4)
     r.warm_up(progress=False)
     return r
