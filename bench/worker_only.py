@@ -35,15 +35,26 @@ def measure_bandwidth(gigabytes: float) -> float:
     return best
 
 
-def decode_batch(runner: ModelRunner, rows: int, context: int, steps: int) -> Batch:
-    """Every row a real sequence at `context` tokens, each with its own blocks."""
-    b = runner.dummy_batch(rows, 1, num_steps=steps)
+def real_batch(runner: ModelRunner, rows: int, tokens: int, context: int, steps: int = 1) -> Batch:
+    """Every row a real sequence whose chunk of `tokens` ends at `context`, each with its own blocks."""
+    b = runner.dummy_batch(rows, tokens, num_steps=steps)
     per_row = -(-(context + steps) // runner.block_size)
     ids = np.arange(1, 1 + rows * per_row, dtype=np.int32) % (runner.model.cache.num_blocks - 1) + 1
     b.block_tables[:, :per_row] = ids.reshape(rows, per_row)
-    b.chunk_lens[:], b.positions[:] = 1, context - 1
+    b.chunk_lens[:], b.positions[:] = tokens, context - tokens
     b.token_ids[:] = 7
     return b
+
+
+def median_seconds(runner: ModelRunner, batch: Batch, repeats: int) -> float:
+    """Median wall time of a call after one untimed call; execute() returns only once the device is done."""
+    runner.execute(batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.execute(batch)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def measure(engine: WorkerEngine, context: int = 256, repeats: int = 5) -> dict:
@@ -53,32 +64,14 @@ def measure(engine: WorkerEngine, context: int = 256, repeats: int = 5) -> dict:
     for rows in runner.decode_batch_sizes:
         if rows * -(-(context + steps) // runner.block_size) >= runner.model.cache.num_blocks:
             continue  # not enough KV blocks for this many rows at this context
-        batch = decode_batch(runner, rows, context, steps)
-        runner.execute(batch)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            runner.execute(batch)
-            times.append((time.perf_counter() - t0) / steps)
-        step = float(np.median(times))
+        step = median_seconds(runner, real_batch(runner, rows, 1, context, steps), repeats) / steps
         out["decode"].append(dict(rows=rows, context=context, step_ms=step * 1e3, tok_s=rows / step,
                                   kernels_per_step=runner.kernels_per_step(rows, 1, filters=False),
                                   kernels_per_step_top_k_p=runner.kernels_per_step(rows, 1, filters=True)))
     for rows, tokens in runner.prefill_shapes:
-        if tokens == 1:
+        if tokens == 1 or rows * -(-tokens // runner.block_size) >= runner.model.cache.num_blocks:
             continue
-        b = runner.dummy_batch(rows, tokens)
-        per_row = -(-tokens // runner.block_size)
-        ids = np.arange(1, 1 + rows * per_row, dtype=np.int32) % (runner.model.cache.num_blocks - 1) + 1
-        b.block_tables[:, :per_row] = ids.reshape(rows, per_row)
-        b.chunk_lens[:] = tokens
-        runner.execute(b)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            runner.execute(b)
-            times.append(time.perf_counter() - t0)
-        t = float(np.median(times))
+        t = median_seconds(runner, real_batch(runner, rows, tokens, tokens), repeats)
         out["prefill"].append(dict(rows=rows, tokens=tokens, ms=t * 1e3, tok_s=rows * tokens / t,
                                    kernels=runner.kernels_per_step(rows, tokens, filters=False)))
     return out
