@@ -80,7 +80,7 @@ class WorkerEngine:
         if opts.warm_up:
             t0 = time.perf_counter()
             self.runner.warm_up()
-            log.info("captured %d graphs in %.1fs", len(self.runner.buckets), time.perf_counter() - t0)
+            log.info("captured %d graphs in %.1fs", len(self.runner.captured()), time.perf_counter() - t0)
 
     def _default_kv_blocks(self, width: int) -> int:
         per_block = PagedKVCache.bytes_per_block(self.config.num_hidden_layers, self.opts.block_size,
