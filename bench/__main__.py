@@ -99,9 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     from worker_svc.compat import configure_environment
 
-    configure_environment()
-    if args.beam:
-        os.environ["JITBEAM"] = str(args.beam)
+    configure_environment(beam=args.beam)
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -111,7 +109,7 @@ def main() -> None:
     from bench.scenarios import run_scenarios
     from shared.processes import start_scheduler, start_worker
     from worker_svc.engine import WorkerEngine, WorkerOptions
-    from worker_svc.__main__ import _int_list, _shapes
+    from worker_svc.buckets import parse_int_list, parse_shapes
 
     ckpt = checkpoint_for(args)
     report: dict = dict(shape=args.shape, device=Device.DEFAULT, host=platform.node(), commit=git_commit(),
@@ -119,8 +117,9 @@ def main() -> None:
     report["bandwidth_gbs"] = worker_only.measure_bandwidth(2.0 if Device.DEFAULT != "CPU" else 0.25)
     print(f"read bandwidth {report['bandwidth_gbs']:.0f} GB/s", flush=True)
 
-    engine = WorkerEngine(WorkerOptions(model=str(ckpt), decode_batch_sizes=_int_list(args.decode_batch_sizes),
-                                        prefill_shapes=_shapes(args.prefill_shapes), max_steps=args.max_steps,
+    engine = WorkerEngine(WorkerOptions(model=str(ckpt), decode_batch_sizes=parse_int_list(args.decode_batch_sizes),
+                                        prefill_shapes=parse_shapes(args.prefill_shapes),
+                                        max_steps=args.max_steps,
                                         kv_cache_gb=args.kv_cache_gb))
     cfg = engine.config
     report["weight_bytes"] = engine.weights.nbytes()

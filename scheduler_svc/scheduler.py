@@ -150,10 +150,7 @@ class Scheduler:
             return False
         victim = victims[-1]
         self.running.remove(victim)
-        self.blocks.release(victim.blocks)
-        victim.sync_table_row()
-        victim.reset_for_recompute()
-        self.waiting.appendleft(victim)
+        self._requeue(victim)
         self.num_preemptions += 1
         log.info("preempted %s (%d tokens) to free KV blocks", victim.request_id, len(victim.tokens))
         return True
@@ -169,12 +166,14 @@ class Scheduler:
 
     def preempt_all(self) -> None:
         """The worker lost its KV contents: every sequence is recomputed from its tokens, holding no blocks."""
+        self._release_waiting()  # a waiting head may hold prefix-cache references
         for seq in reversed(self.running):
-            self.blocks.release(seq.blocks)
-            seq.sync_table_row()
-            seq.reset_for_recompute()
-            self.waiting.appendleft(seq)
+            self._requeue(seq)
         self.running.clear()
-        for seq in self.waiting:  # a waiting head may hold prefix-cache references
-            self.blocks.release(seq.blocks)
-            seq.num_computed = 0
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Back to the front of the queue holding no blocks; its tokens are prefilled again when admitted."""
+        self.blocks.release(seq.blocks)
+        seq.sync_table_row()
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)

@@ -2,29 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
 
 from shared.service import setup_logging
-
-# also in worker_svc.engine; repeated here so that parsing flags does not import tinygrad before BEAM is set
-DEFAULT_DECODE_BATCH_SIZES = "1,2,4,8,16,32,64,128,256"
-DEFAULT_PREFILL_SHAPES = "1x128,1x512,4x128,16x128"
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _shapes(text: str) -> list[tuple[int, int]]:
-    """"1x128,4x128" -> [(1, 128), (4, 128)]: prefill buckets as rows x tokens."""
-    out = []
-    for part in text.split(","):
-        rows, tokens = part.lower().split("x")
-        out.append((int(rows), int(tokens)))
-    return out
-
+from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES, parse_int_list, parse_shapes
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -35,8 +17,8 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=None, help="default: the checkpoint's")
     ap.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (overrides --kv-cache-gb)")
     ap.add_argument("--kv-cache-gb", type=float, default=4.0)
-    ap.add_argument("--decode-batch-sizes", type=_int_list, default=_int_list(DEFAULT_DECODE_BATCH_SIZES))
-    ap.add_argument("--prefill-shapes", type=_shapes, default=_shapes(DEFAULT_PREFILL_SHAPES), help="e.g. 1x128,4x128")
+    ap.add_argument("--decode-batch-sizes", type=parse_int_list, default=DEFAULT_DECODE_BATCH_SIZES)
+    ap.add_argument("--prefill-shapes", type=parse_shapes, default=DEFAULT_PREFILL_SHAPES, help="e.g. 1x128,4x128")
     ap.add_argument("--max-steps", type=int, default=8, help="decode steps one call may run")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"])
     ap.add_argument("--no-warm-up", action="store_true", help="capture graphs lazily (tests of warm-up only)")
@@ -47,9 +29,7 @@ def main() -> None:
     setup_logging(args.log_level)
     from worker_svc.compat import configure_environment
 
-    configure_environment()
-    if args.beam:
-        os.environ["JITBEAM"] = str(args.beam)  # read by tinygrad at import
+    configure_environment(beam=args.beam)
 
     from worker_svc.engine import WorkerEngine, WorkerOptions
     from worker_svc.server import serve

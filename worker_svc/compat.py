@@ -66,8 +66,10 @@ def apply_for(device: str) -> None:
         fix_cuda_graph_symbolic_launch_dims()
 
 
-def configure_environment() -> None:
-    """Process-wide tinygrad settings; call before tinygrad is imported.
+def configure_environment(beam: int = 0) -> None:
+    """Process-wide tinygrad settings; call before tinygrad is imported, which reads them once.
+
+    beam > 0: BEAM kernel search of that width for the captured kernels (JITBEAM), cached on disk by tinygrad.
 
     PARALLEL=0: tinygrad 0.14.0 compiles kernels in a pool of spawned processes and pickles the results back.
     Those processes do not get simplify_symbolic_estimates, and on CUDA pickling a TinyLlama kernel's unsimplified
@@ -76,3 +78,5 @@ def configure_environment() -> None:
     import os
 
     os.environ.setdefault("PARALLEL", "0")
+    if beam:
+        os.environ["JITBEAM"] = str(beam)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from tinygrad import Device
 
 from shared.llama_config import LlamaConfig
+from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES
 from worker_svc.kv_cache import PagedKVCache
 from worker_svc.model import LlamaModel
 from worker_svc.runner import ModelRunner
@@ -18,8 +19,6 @@ from worker_svc.weights import compute_dtype_for, load_weights
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DECODE_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # keep in step with worker_svc/__main__.py
-DEFAULT_PREFILL_SHAPES = [(1, 128), (1, 512), (4, 128), (16, 128)]
 
 
 @dataclass
