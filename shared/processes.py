@@ -51,7 +51,7 @@ class Service:
     name: str
     address: str
     proc: subprocess.Popen
-    log_path: pathlib.Path
+    log_path: pathlib.Path | None  # None: the process writes to the terminal
 
     @classmethod
     def start(cls, name: str, module: str, args: list[str], log_dir: pathlib.Path | None, port: int | None = None,
