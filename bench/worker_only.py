@@ -35,10 +35,16 @@ def measure_bandwidth(gigabytes: float) -> float:
     return best
 
 
+def blocks_per_row(runner: ModelRunner, context: int, steps: int) -> int:
+    """Blocks holding positions 0 .. context + steps - 2: the chunk ends at context - 1 and each further step
+    writes one more position."""
+    return -(-(context + steps - 1) // runner.block_size)
+
+
 def real_batch(runner: ModelRunner, rows: int, tokens: int, context: int, steps: int = 1) -> Batch:
     """Every row a real sequence whose chunk of `tokens` ends at `context`, each with its own blocks."""
     b = runner.dummy_batch(rows, tokens, num_steps=steps)
-    per_row = -(-(context + steps) // runner.block_size)
+    per_row = blocks_per_row(runner, context, steps)
     ids = np.arange(1, 1 + rows * per_row, dtype=np.int32) % (runner.model.cache.num_blocks - 1) + 1
     b.block_tables[:, :per_row] = ids.reshape(rows, per_row)
     b.chunk_lens[:], b.positions[:] = tokens, context - tokens
@@ -62,14 +68,14 @@ def measure(engine: WorkerEngine, context: int = 256, repeats: int = 5) -> dict:
     out: dict = {"decode": [], "prefill": []}
     steps = runner.max_steps
     for rows in runner.decode_batch_sizes:
-        if rows * -(-(context + steps) // runner.block_size) >= runner.model.cache.num_blocks:
+        if rows * blocks_per_row(runner, context, steps) >= runner.model.cache.num_blocks:
             continue  # not enough KV blocks for this many rows at this context
         step = median_seconds(runner, real_batch(runner, rows, 1, context, steps), repeats) / steps
         out["decode"].append(dict(rows=rows, context=context, step_ms=step * 1e3, tok_s=rows / step,
                                   kernels_per_step=runner.kernels_per_step(rows, 1, filters=False),
                                   kernels_per_step_top_k_p=runner.kernels_per_step(rows, 1, filters=True)))
     for rows, tokens in runner.prefill_shapes:
-        if tokens == 1 or rows * -(-tokens // runner.block_size) >= runner.model.cache.num_blocks:
+        if tokens == 1 or rows * blocks_per_row(runner, tokens, 1) >= runner.model.cache.num_blocks:
             continue
         t = median_seconds(runner, real_batch(runner, rows, tokens, tokens), repeats)
         out["prefill"].append(dict(rows=rows, tokens=tokens, ms=t * 1e3, tok_s=rows * tokens / t,
