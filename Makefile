@@ -12,7 +12,7 @@ export DEV  ?= CPU
 PROTOS := $(wildcard protos/tinyvllm/v1/*.proto)
 GEN    := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup protos demo-model run-worker run-scheduler run-demo client test bench clean
+.PHONY: setup protos demo-model run-worker run-scheduler run-demo client test bench profile clean
 
 setup:  ## install the pinned dependencies (pyproject.toml) and generate the protobuf code
 	$(PYTHON) -m pip install -q -e '.[test]'
@@ -45,6 +45,9 @@ test: protos
 
 bench: protos
 	$(PYTHON) -m bench $(BENCH_ARGS)
+
+profile:  ## where a decode step's time goes, kernel by kernel (PROFILE_ARGS="--shape tinyllama --beam 4")
+	$(PYTHON) -m bench.profile $(PROFILE_ARGS)
 
 clean:
 	rm -rf tinyvllm .cache .pytest_cache

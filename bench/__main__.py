@@ -19,11 +19,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
+    """TINYVLLM_COMMIT when set (a copy of the tree without its git history, as on the GPU machine), else git's."""
+    if os.environ.get("TINYVLLM_COMMIT"):
+        return os.environ["TINYVLLM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("TINYVLLM_COMMIT", "unknown")
+        return "unknown"
 
 
 def checkpoint_for(args) -> pathlib.Path:
@@ -114,7 +117,8 @@ def main() -> None:
     ckpt = checkpoint_for(args)
     report: dict = dict(shape=args.shape, device=Device.DEFAULT, host=platform.node(), commit=git_commit(),
                         time=time.strftime("%Y-%m-%d %H:%M:%S"), checkpoint=str(ckpt), args=vars(args))
-    report["bandwidth_gbs"] = worker_only.measure_bandwidth(2.0 if Device.DEFAULT != "CPU" else 0.25)
+    on_cpu = Device.DEFAULT == "CPU"
+    report["bandwidth_gbs"] = worker_only.measure_bandwidth(0.25 if on_cpu else 2.0, beam=0 if on_cpu else 2)
     print(f"read bandwidth {report['bandwidth_gbs']:.0f} GB/s", flush=True)
 
     engine = WorkerEngine(WorkerOptions(model=str(ckpt), decode_batch_sizes=parse_int_list(args.decode_batch_sizes),

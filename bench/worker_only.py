@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from tinygrad import Device, Tensor, dtypes
+from tinygrad import Context, Device, Tensor, dtypes
 
 from worker_svc.engine import WorkerEngine
 from worker_svc.runner import Batch, ModelRunner
@@ -14,10 +14,16 @@ def sync() -> None:
     Device[Device.DEFAULT].synchronize()
 
 
-def measure_bandwidth(gigabytes: float) -> float:
+def measure_bandwidth(gigabytes: float, beam: int = 0) -> float:
     """Device memory bandwidth in GB/s: the best of fp16 reductions (bytes read) and an elementwise pass (bytes
-    read + written) over a buffer much larger than any cache, each timed after a warm-up run."""
-    n = int(gigabytes * 1e9) // 2
+    read + written) over a buffer much larger than any cache, each timed after a warm-up run. tinygrad's default
+    kernels reach a fraction of a GPU's bandwidth (about 860 of 4,200 GB/s on an H200), so on GPUs the probe's
+    kernels are searched with BEAM first."""
+    with Context(BEAM=beam):
+        return _best_bandwidth(int(gigabytes * 1e9) // 2)
+
+
+def _best_bandwidth(n: int) -> float:
     x = Tensor.ones(n // 4096, 4096, dtype=dtypes.float16).contiguous().realize()
     passes = [(lambda: x.sum(1, dtype=dtypes.float32).realize(), n * 2),
               (lambda: x.float().sum().realize(), n * 2),

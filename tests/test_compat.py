@@ -38,3 +38,28 @@ def test_symbolic_kernel_estimates_stay_shallow(demo_checkpoint):
                     symbolic += 1
                     assert depth(value) <= 32
     assert symbolic > 0  # the attention kernels' estimates do depend on the block count
+
+
+def _fixes_applied_here() -> bool:
+    """Runs inside one of tinygrad's compile worker processes."""
+    from tinygrad.renderer import Estimates
+
+    return "simplify_symbolic_estimates" in Estimates.from_uops.__qualname__
+
+
+def test_compile_worker_processes_get_the_fixes():
+    """tinygrad compiles kernels and searches BEAM candidates in spawned processes, which start without the
+    parent's patches; the pool's initializer applies them there."""
+    from tinygrad.engine import worker
+    from tinygrad.helpers import Context
+
+    from worker_svc import compat
+
+    compat.apply_for("CPU")
+    with Context(PARALLEL=1):
+        pool = worker.get_worker_pool()
+        try:
+            assert pool is not None
+            assert pool.apply(_fixes_applied_here) is True
+        finally:
+            worker.terminate_worker_pool()

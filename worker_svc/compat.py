@@ -60,8 +60,37 @@ def simplify_symbolic_estimates() -> None:
     _applied.add("estimates")
 
 
+def init_compile_worker() -> None:
+    """Initializer of tinygrad's compile/BEAM worker processes: tinygrad's own, after our fixes. The workers are
+    spawned, so they start without the patches of the parent; they compile kernels (and search BEAM candidates)
+    whose estimates they pickle back, which is where an unsimplified estimate overflowed the recursion limit."""
+    simplify_symbolic_estimates()
+    _original_init_worker()
+
+
+def _original_init_worker() -> None:
+    from tinygrad.engine import worker
+
+    getattr(worker, "_tinygrad_init_worker", worker._init_worker)()
+
+
+def patch_compile_workers() -> None:
+    """Make tinygrad's compile pool (PARALLEL > 0, also used by BEAM search) start its processes with
+    `init_compile_worker`. The pool looks `_init_worker` up by name when it is created, and pickles it by
+    reference, so the spawned processes import this module and apply the fixes before their first kernel."""
+    if "compile_workers" in _applied:
+        return
+    from tinygrad.engine import worker
+
+    worker._tinygrad_init_worker = worker._init_worker
+    worker._init_worker = init_compile_worker
+    worker.terminate_worker_pool()  # a pool started before this patch would keep the unpatched processes
+    _applied.add("compile_workers")
+
+
 def apply_for(device: str) -> None:
     simplify_symbolic_estimates()
+    patch_compile_workers()
     if device.split(":")[0] == "CUDA":
         fix_cuda_graph_symbolic_launch_dims()
 
@@ -70,13 +99,9 @@ def configure_environment(beam: int = 0) -> None:
     """Process-wide tinygrad settings; call before tinygrad is imported, which reads them once.
 
     beam > 0: BEAM kernel search of that width for the captured kernels (JITBEAM), cached on disk by tinygrad.
-
-    PARALLEL=0: tinygrad 0.14.0 compiles kernels in a pool of spawned processes and pickles the results back.
-    Those processes do not get simplify_symbolic_estimates, and on CUDA pickling a TinyLlama kernel's unsimplified
-    estimate exceeded the recursion limit: the pool worker died and warm-up hung. Compiling in-process avoids
-    that and costs little, because the layers share their kernels."""
+    Kernels compile (and BEAM candidates are searched) in tinygrad's pool of processes (PARALLEL, one per core by
+    default); `patch_compile_workers` gives those processes our fixes."""
     import os
 
-    os.environ.setdefault("PARALLEL", "0")
     if beam:
         os.environ["JITBEAM"] = str(beam)

@@ -1,0 +1,117 @@
+"""`python -m bench.profile` (`make profile`): where a decode step's milliseconds go.
+
+For each decode bucket: the step time of the captured graph replayed as in serving, then the same captured kernels
+run one by one with a device sync after each (tinygrad's DEBUG=2 timing), grouped by kernel. The difference between
+the graph's step time and the sum of its kernels is launch and scheduling overhead; the per-kernel rows show which
+kernels are far from the device's bandwidth."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import pathlib
+import re
+from collections import defaultdict
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# tinygrad 0.14.0 DEBUG=2 line: "*** CUDA     12 r_32_16_4 ...  arg  3 mem   2.20 GB tm     10.24us/     1.23ms (...)"
+KERNEL_LINE = re.compile(r"^\*\*\* \S+\s+\d+ (?P<name>.+?)\s+arg\s+\d+ mem .* tm\s+(?P<tm>[\d.]+)(?P<unit>us|ms|s)/"
+                         r".*?(?P<gbs>[\d.]+)\|[\d.]*\s+GB/s")
+UNIT = {"us": 1.0, "ms": 1e3, "s": 1e6}
+STEPS = 8  # decode steps per call when timing the graph, as the scheduler sends them
+
+
+def flattened(linear):
+    """The captured linear with each device graph replaced by its kernels, so they run (and are timed) one by one."""
+    from tinygrad.uop.ops import Ops
+
+    calls = []
+    for call in linear.src:
+        ast = call.src[0]
+        calls.extend(ast.src[0].src if ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph" else (call,))
+    return linear.replace(src=tuple(calls))
+
+
+def kernel_times(runner, batch, filters: bool = False) -> list[tuple[str, float, float]]:
+    """(kernel name, microseconds, GB/s) for every kernel of one replay of the batch's bucket, timed one by one."""
+    from tinygrad.helpers import Context
+
+    captured = runner.captured()[(batch.token_ids.shape[0], batch.token_ids.shape[1], filters)]
+    original = captured._linear
+    captured.__dict__.pop("linear", None)  # cached_property built from _linear
+    captured._linear = flattened(original)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), Context(DEBUG=2):
+            runner.execute(batch)
+    finally:
+        captured.__dict__.pop("linear", None)
+        captured._linear = original
+    rows = []
+    for line in out.getvalue().splitlines():
+        if (m := KERNEL_LINE.match(ANSI.sub("", line).strip())):
+            rows.append((m["name"].strip(), float(m["tm"]) * UNIT[m["unit"]], float(m["gbs"])))
+    return rows
+
+
+def summarize(rows: list[tuple[str, float, float]], top: int) -> list[dict]:
+    by_name: dict[str, list] = defaultdict(lambda: [0, 0.0, 0.0])
+    for name, us, gbs in rows:
+        entry = by_name[name]
+        entry[0] += 1
+        entry[1] += us
+        entry[2] += gbs * us  # time-weighted bandwidth
+    table = [dict(kernel=k, count=c, total_us=t, mean_us=t / c, gbs=w / t if t else 0.0)
+             for k, (c, t, w) in by_name.items()]
+    return sorted(table, key=lambda r: -r["total_us"])[:top]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", choices=["demo", "tinyllama"], default="demo")
+    ap.add_argument("--model", help="an existing checkpoint instead of a generated one")
+    ap.add_argument("--decode-batch-sizes", default="1,64")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--kv-cache-gb", type=float, default=4.0)
+    ap.add_argument("--beam", type=int, default=0)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    from worker_svc.compat import configure_environment
+
+    configure_environment(beam=args.beam)
+    from tinygrad import Device
+
+    from bench.__main__ import checkpoint_for
+    from bench.worker_only import median_seconds, real_batch
+    from worker_svc.buckets import parse_int_list
+    from worker_svc.engine import WorkerEngine, WorkerOptions
+
+    engine = WorkerEngine(WorkerOptions(model=str(checkpoint_for(args)),
+                                        decode_batch_sizes=parse_int_list(args.decode_batch_sizes),
+                                        prefill_shapes=[(1, 16)], max_steps=STEPS, kv_cache_gb=args.kv_cache_gb))
+    runner = engine.runner
+    report = dict(shape=args.shape, device=Device.DEFAULT, beam=args.beam, context=args.context, buckets=[])
+    for rows in runner.decode_batch_sizes:
+        step_us = median_seconds(runner, real_batch(runner, rows, 1, args.context, STEPS), 10) / STEPS * 1e6
+        times = [t for t in kernel_times(runner, real_batch(runner, rows, 1, args.context)) if not t[0].startswith("copy")]
+        kernel_sum = sum(us for _, us, _ in times)
+        report["buckets"].append(dict(rows=rows, graph_step_us=step_us, kernels=len(times), kernel_sum_us=kernel_sum,
+                                      top=summarize(times, args.top)))
+        print(f"\n== decode rows={rows}, context {args.context}, {Device.DEFAULT}, BEAM={args.beam}: graph step "
+              f"{step_us:.0f} us; {len(times)} kernels sum to {kernel_sum:.0f} us one by one "
+              f"({step_us - kernel_sum:+.0f} us launch/overhead in the graph)")
+        print(f"{'us':>8} {'share':>6} {'n':>4} {'mean us':>8} {'GB/s':>6}  kernel")
+        for r in report["buckets"][-1]["top"]:
+            print(f"{r['total_us']:>8.0f} {r['total_us'] / kernel_sum:>6.1%} {r['count']:>4} {r['mean_us']:>8.1f} "
+                  f"{r['gbs']:>6.0f}  {r['kernel']}")
+    if args.out:
+        path = pathlib.Path(args.out) / f"profile-{args.shape}-{Device.DEFAULT.lower()}-beam{args.beam}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
