@@ -19,7 +19,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 KERNEL_LINE = re.compile(r"^\*\*\* \S+\s+\d+ (?P<name>.+?)\s+arg\s+\d+ mem .* tm\s+(?P<tm>[\d.]+)(?P<unit>us|ms|s)/"
                          r".*?(?P<gbs>[\d.]+)\|[\d.]*\s+GB/s")
 UNIT = {"us": 1.0, "ms": 1e3, "s": 1e6}
-STEPS = 8  # decode steps per call when timing the graph, as the scheduler sends them
+STEPS = 8  # decode steps per call when timing the graph, as bench's worker runs them (same kernels, same BEAM cache)
 
 
 def flattened(linear):
@@ -73,7 +73,8 @@ def main() -> None:
     ap.add_argument("--model", help="an existing checkpoint instead of a generated one")
     ap.add_argument("--decode-batch-sizes", default="1,64")
     ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--kv-cache-gb", type=float, default=4.0)
+    ap.add_argument("--prefill-shapes", default="1x128", help="captured too (the runner needs one); as in bench")
+    ap.add_argument("--kv-cache-gb", type=float, default=8.0)
     ap.add_argument("--beam", type=int, default=0)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", default="")
@@ -85,12 +86,12 @@ def main() -> None:
 
     from bench.__main__ import checkpoint_for
     from bench.worker_only import median_seconds, real_batch
-    from worker_svc.buckets import parse_int_list
+    from worker_svc.buckets import parse_int_list, parse_shapes
     from worker_svc.engine import WorkerEngine, WorkerOptions
 
     engine = WorkerEngine(WorkerOptions(model=str(checkpoint_for(args)),
                                         decode_batch_sizes=parse_int_list(args.decode_batch_sizes),
-                                        prefill_shapes=[(1, 16)], max_steps=STEPS, kv_cache_gb=args.kv_cache_gb))
+                                        prefill_shapes=parse_shapes(args.prefill_shapes), max_steps=STEPS, kv_cache_gb=args.kv_cache_gb))
     runner = engine.runner
     report = dict(shape=args.shape, device=Device.DEFAULT, beam=args.beam, context=args.context, buckets=[])
     for rows in runner.decode_batch_sizes:
