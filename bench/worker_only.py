@@ -23,6 +23,31 @@ def measure_bandwidth(gigabytes: float, beam: int = 0) -> float:
         return _best_bandwidth(int(gigabytes * 1e9) // 2)
 
 
+def torch_cuda_bandwidth(gigabytes: float) -> float | None:
+    """The same probe with PyTorch's CUDA kernels (a second opinion where torch is installed): read-only sums and
+    a copy (read + write) over a buffer much larger than L2. None without torch or CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    x = torch.ones(int(gigabytes * 1e9) // 2, dtype=torch.float16, device="cuda")
+    y = torch.empty_like(x)
+    best = 0.0
+    for run, nbytes in ((lambda: x.sum(dtype=torch.float32), x.nbytes), (lambda: y.copy_(x), 2 * x.nbytes)):
+        run()
+        torch.cuda.synchronize()
+        for _ in range(5):
+            t0 = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+    del x, y
+    torch.cuda.empty_cache()
+    return best
+
+
 def _best_bandwidth(n: int) -> float:
     x = Tensor.ones(n // 4096, 4096, dtype=dtypes.float16).contiguous().realize()
     passes = [(lambda: x.sum(1, dtype=dtypes.float32).realize(), n * 2),
