@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--peer", choices=["none", "hf"], default="none")
     ap.add_argument("--decode-batch-sizes", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--prefill-shapes", default="1x128,1x512,4x128,16x128")
-    ap.add_argument("--max-steps", type=int, default=8)
+    ap.add_argument("--max-steps", type=int, default=16, help="decode steps per worker call (worker --max-steps)")
     ap.add_argument("--kv-cache-gb", type=float, default=8.0)
     ap.add_argument("--beam", type=int, default=0)
     ap.add_argument("--worker-args", default="")

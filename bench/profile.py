@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import pathlib
 import re
 from collections import defaultdict
@@ -19,7 +20,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 KERNEL_LINE = re.compile(r"^\*\*\* \S+\s+\d+ (?P<name>.+?)\s+arg\s+\d+ mem .* tm\s+(?P<tm>[\d.]+)(?P<unit>us|ms|s)/"
                          r".*?(?P<gbs>[\d.]+)\|[\d.]*\s+GB/s")
 UNIT = {"us": 1.0, "ms": 1e3, "s": 1e6}
-STEPS = 8  # decode steps per call when timing the graph, as bench's worker runs them (same kernels, same BEAM cache)
 
 
 def flattened(linear):
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--prefill-shapes", default="1x128", help="captured too (the runner needs one); as in bench")
     ap.add_argument("--kv-cache-gb", type=float, default=8.0)
+    ap.add_argument("--max-steps", type=int, default=8, help="decode steps per call when timing the graph (as bench)")
     ap.add_argument("--beam", type=int, default=0)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", default="")
@@ -91,11 +92,13 @@ def main() -> None:
 
     engine = WorkerEngine(WorkerOptions(model=str(checkpoint_for(args)),
                                         decode_batch_sizes=parse_int_list(args.decode_batch_sizes),
-                                        prefill_shapes=parse_shapes(args.prefill_shapes), max_steps=STEPS, kv_cache_gb=args.kv_cache_gb))
+                                        prefill_shapes=parse_shapes(args.prefill_shapes), max_steps=args.max_steps, kv_cache_gb=args.kv_cache_gb))
     runner = engine.runner
-    report = dict(shape=args.shape, device=Device.DEFAULT, beam=args.beam, context=args.context, buckets=[])
+    report = dict(shape=args.shape, device=Device.DEFAULT, beam=args.beam, context=args.context, buckets=[],
+                  jit_batch_size=os.environ.get("JIT_BATCH_SIZE", "default"))
     for rows in runner.decode_batch_sizes:
-        step_us = median_seconds(runner, real_batch(runner, rows, 1, args.context, STEPS), 10) / STEPS * 1e6
+        steps = args.max_steps
+        step_us = median_seconds(runner, real_batch(runner, rows, 1, args.context, steps), 10) / steps * 1e6
         times = [t for t in kernel_times(runner, real_batch(runner, rows, 1, args.context)) if not t[0].startswith("copy")]
         kernel_sum = sum(us for _, us, _ in times)
         report["buckets"].append(dict(rows=rows, graph_step_us=step_us, kernels=len(times), kernel_sum_us=kernel_sum,
@@ -108,7 +111,8 @@ def main() -> None:
             print(f"{r['total_us']:>8.0f} {r['total_us'] / kernel_sum:>6.1%} {r['count']:>4} {r['mean_us']:>8.1f} "
                   f"{r['gbs']:>6.0f}  {r['kernel']}")
     if args.out:
-        path = pathlib.Path(args.out) / f"profile-{args.shape}-{Device.DEFAULT.lower()}-beam{args.beam}.json"
+        path = pathlib.Path(args.out) / (f"profile-{args.shape}-{Device.DEFAULT.lower()}-beam{args.beam}"
+                                         f"-jbs{report['jit_batch_size']}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         print(f"\nwrote {path}")
