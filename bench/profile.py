@@ -33,11 +33,12 @@ def flattened(linear):
     return linear.replace(src=tuple(calls))
 
 
-def kernel_times(runner, batch, filters: bool = False) -> list[tuple[str, float, float]]:
-    """(kernel name, microseconds, GB/s) for every kernel of one replay of the batch's bucket, timed one by one."""
+def kernel_times(runner, batch) -> list[tuple[str, float, float]]:
+    """(kernel name, microseconds, GB/s) for every kernel of one replay of the batch's graph, timed one by one;
+    the batch's input copies are left out. The graph is restored afterwards."""
     from tinygrad.helpers import Context
 
-    captured = runner.captured()[(batch.token_ids.shape[0], batch.token_ids.shape[1], filters)]
+    captured = runner.captured()[runner.graph_key(batch)]
     original = captured._linear
     captured.__dict__.pop("linear", None)  # cached_property built from _linear
     captured._linear = flattened(original)
@@ -51,7 +52,8 @@ def kernel_times(runner, batch, filters: bool = False) -> list[tuple[str, float,
     rows = []
     for line in out.getvalue().splitlines():
         if (m := KERNEL_LINE.match(ANSI.sub("", line).strip())):
-            rows.append((m["name"].strip(), float(m["tm"]) * UNIT[m["unit"]], float(m["gbs"])))
+            if not m["name"].startswith("copy"):
+                rows.append((m["name"].strip(), float(m["tm"]) * UNIT[m["unit"]], float(m["gbs"])))
     return rows
 
 
@@ -99,7 +101,7 @@ def main() -> None:
     for rows in runner.decode_batch_sizes:
         steps = args.max_steps
         step_us = median_seconds(runner, real_batch(runner, rows, 1, args.context, steps), 10) / steps * 1e6
-        times = [t for t in kernel_times(runner, real_batch(runner, rows, 1, args.context)) if not t[0].startswith("copy")]
+        times = kernel_times(runner, real_batch(runner, rows, 1, args.context))
         kernel_sum = sum(us for _, us, _ in times)
         report["buckets"].append(dict(rows=rows, graph_step_us=step_us, kernels=len(times), kernel_sum_us=kernel_sum,
                                       top=summarize(times, args.top)))

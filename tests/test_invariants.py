@@ -132,3 +132,18 @@ def test_attention_work_follows_the_context_length(runner):
     short, long = mem_of(5), mem_of(MAX_CONTEXT - 2)
     kv_bytes_per_token = 2 * runner.model.config.num_hidden_layers * runner.model.config.kv_dim * 4
     assert long - short >= (MAX_CONTEXT - 2 - 5 - BLOCK) * kv_bytes_per_token
+
+
+def test_profile_times_every_kernel_of_a_step_and_restores_the_graph(runner):
+    """`make profile` runs a captured step's kernels one by one; it must see all of them and leave the graph as
+    it was."""
+    from bench.profile import kernel_times
+
+    batch = random_batch(runner, np.random.default_rng(1), 2, 1, 1)
+    key = runner.graph_key(batch)
+    graph, before = runner.captured()[key], runner.execute(batch)
+    times = kernel_times(runner, batch)
+    assert len(times) == runner.kernels_per_step(*key)
+    assert all(us > 0 for _, us, _ in times)
+    assert runner.captured()[key] is graph
+    np.testing.assert_array_equal(runner.execute(batch), before)

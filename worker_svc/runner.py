@@ -147,11 +147,15 @@ class ModelRunner:
         end = int((batch.positions + batch.chunk_lens).max()) + batch.num_steps - 1
         return min(max(1, math.ceil(end / self.block_size)), self.table_width)
 
+    def graph_key(self, batch: Batch) -> tuple[int, int, bool]:
+        """(rows, tokens, filters) of the graph that runs a valid batch: the one without the top-k/top-p search
+        unless a row asks for it."""
+        B, T = self.validate(batch)
+        return B, T, bool(((batch.top_k > 0) | (batch.top_p < 1.0)).any())
+
     def execute(self, batch: Batch) -> np.ndarray:
         """Run the batch; returns the sampled token ids, (B, num_steps) int32. Two host-to-device copies per call."""
-        B, T = self.validate(batch)
-        filters = bool(((batch.top_k > 0) | (batch.top_p < 1.0)).any())
-        jit = self._jits[(B, T, filters)]
+        jit = self._jits[self.graph_key(batch)]
         tokens = Tensor(np.ascontiguousarray(batch.token_ids, dtype=np.int32))
         meta = Tensor(self._pack_meta(batch))
         num_blocks = self._blocks_var.bind(self.blocks_to_read(batch))
