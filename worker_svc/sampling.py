@@ -54,17 +54,15 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
     filters=False leaves the top-k/top-p search out of the graph (a third of a small model's kernels); a row
     with both filters off gets the same token either way, so the runner may pick whichever graph fits the batch."""
     B, V = logits.shape
-    logits = logits.float()
-    greedy = logits.argmax(-1).cast(dtypes.int32)
-
-    scaled = logits / temperature.reshape(B, 1).maximum(1e-6)
+    greedy = (temperature <= 0).reshape(B, 1)
+    scaled = logits.float() / greedy.where(1.0, temperature.reshape(B, 1).maximum(1e-6))
     if filters:
         scaled = _top_k_top_p(scaled, top_k, top_p)
 
-    # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T)
+    # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). Greedy rows add no noise,
+    # so one argmax serves both (two argmaxes over the vocabulary fused into one slow kernel on CUDA).
     gumbel = -(-uniform_noise(seeds, counters, V).log()).log()
-    drawn = (scaled + gumbel).argmax(-1).cast(dtypes.int32)
-    return (temperature <= 0).where(greedy, drawn)
+    return (scaled + greedy.where(0.0, gumbel)).argmax(-1).cast(dtypes.int32)
 
 
 def _top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
