@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from tinygrad import Context, Device, Tensor, dtypes
@@ -34,15 +35,8 @@ def torch_cuda_bandwidth(gigabytes: float) -> float | None:
         return None
     x = torch.ones(int(gigabytes * 1e9) // 2, dtype=torch.float16, device="cuda")
     y = torch.empty_like(x)
-    best = 0.0
-    for run, nbytes in ((lambda: x.sum(dtype=torch.float32), x.nbytes), (lambda: y.copy_(x), 2 * x.nbytes)):
-        run()
-        torch.cuda.synchronize()
-        for _ in range(5):
-            t0 = time.perf_counter()
-            run()
-            torch.cuda.synchronize()
-            best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+    best = _best_rate([(lambda: x.sum(dtype=torch.float32), x.nbytes), (lambda: y.copy_(x), 2 * x.nbytes)],
+                      torch.cuda.synchronize)
     del x, y
     torch.cuda.empty_cache()
     return best
@@ -50,19 +44,24 @@ def torch_cuda_bandwidth(gigabytes: float) -> float | None:
 
 def _best_bandwidth(n: int) -> float:
     x = Tensor.ones(n // 4096, 4096, dtype=dtypes.float16).contiguous().realize()
-    passes = [(lambda: x.sum(1, dtype=dtypes.float32).realize(), n * 2),
-              (lambda: x.float().sum().realize(), n * 2),
-              (lambda: (x + 1).realize(), n * 4)]
+    best = _best_rate([(lambda: x.sum(1, dtype=dtypes.float32).realize(), n * 2),
+                       (lambda: x.float().sum().realize(), n * 2),
+                       (lambda: (x + 1).realize(), n * 4)], sync)
+    del x
+    return best
+
+
+def _best_rate(passes: list[tuple[Callable[[], object], int]], synchronize: Callable[[], object]) -> float:
+    """GB/s of the fastest of five timed runs of each (run, bytes moved) pass, each after an untimed run."""
     best = 0.0
     for run, nbytes in passes:
         run()
-        sync()
+        synchronize()
         for _ in range(5):
             t0 = time.perf_counter()
             run()
-            sync()
+            synchronize()
             best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
-    del x
     return best
 
 
