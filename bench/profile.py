@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--prefill-shapes", default="1x128", help="captured too (the runner needs one); as in bench")
     ap.add_argument("--kv-cache-gb", type=float, default=8.0)
-    ap.add_argument("--max-steps", type=int, default=8, help="decode steps per call when timing the graph (as bench)")
+    ap.add_argument("--max-steps", type=int, default=16, help="decode steps per call when timing the graph (as bench)")
     ap.add_argument("--beam", type=int, default=0)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", default="")
