@@ -22,26 +22,17 @@ KERNEL_LINE = re.compile(r"^\*\*\* \S+\s+\d+ (?P<name>.+?)\s+arg\s+\d+ mem .* tm
 UNIT = {"us": 1.0, "ms": 1e3, "s": 1e6}
 
 
-def flattened(linear):
-    """The captured linear with each device graph replaced by its kernels, so they run (and are timed) one by one."""
-    from tinygrad.uop.ops import Ops
-
-    calls = []
-    for call in linear.src:
-        ast = call.src[0]
-        calls.extend(ast.src[0].src if ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph" else (call,))
-    return linear.replace(src=tuple(calls))
-
-
 def kernel_times(runner, batch) -> list[tuple[str, float, float]]:
     """(kernel name, microseconds, GB/s) for every kernel of one replay of the batch's graph, timed one by one;
     the batch's input copies are left out. The graph is restored afterwards."""
     from tinygrad.helpers import Context
 
+    from worker_svc.runner import without_device_graphs
+
     captured = runner.captured()[runner.graph_key(batch)]
     original = captured._linear
     captured.__dict__.pop("linear", None)  # cached_property built from _linear
-    captured._linear = flattened(original)
+    captured._linear = without_device_graphs(original)  # kernels run and are timed one by one
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out), Context(DEBUG=2):
@@ -93,12 +84,13 @@ def main() -> None:
 
     engine = WorkerEngine(WorkerOptions(model=str(checkpoint_for(args)),
                                         decode_batch_sizes=parse_int_list(args.decode_batch_sizes),
-                                        prefill_shapes=parse_shapes(args.prefill_shapes), max_steps=args.max_steps, kv_cache_gb=args.kv_cache_gb))
+                                        prefill_shapes=parse_shapes(args.prefill_shapes),
+                                        max_steps=args.max_steps, kv_cache_gb=args.kv_cache_gb))
     runner = engine.runner
     report = dict(shape=args.shape, device=Device.DEFAULT, beam=args.beam, context=args.context, buckets=[],
                   jit_batch_size=os.environ.get("JIT_BATCH_SIZE", "default"))
+    steps = args.max_steps
     for rows in runner.decode_batch_sizes:
-        steps = args.max_steps
         step_us = median_seconds(runner, real_batch(runner, rows, 1, args.context, steps), 10) / steps * 1e6
         times = kernel_times(runner, real_batch(runner, rows, 1, args.context))
         kernel_sum = sum(us for _, us, _ in times)

@@ -23,6 +23,15 @@ POS, CHUNK_LEN, TEMPERATURE, TOP_P, TOP_K, SEED, COUNTER = range(7)
 META_COLS = 7
 
 
+def without_device_graphs(linear: UOp) -> UOp:
+    """A captured linear with each device graph replaced by the calls it batches, in order."""
+    calls = []
+    for call in linear.src:
+        ast = call.src[0]
+        calls.extend(ast.src[0].src if ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph" else (call,))
+    return linear.replace(src=tuple(calls))
+
+
 class BatchError(ValueError):
     """A batch the worker refuses: its shapes are not a captured bucket's, or its values are out of range."""
 
@@ -169,14 +178,8 @@ class ModelRunner:
 
     def kernels_per_step(self, rows: int, tokens: int, filters: bool) -> int:
         """Kernels one replay launches (members of a device graph counted one by one)."""
-        count = 0
-        for call in self._jits[(rows, tokens, filters)].captured._linear.src:
-            ast = call.src[0]
-            if ast.op is Ops.PROGRAM:
-                count += 1
-            elif ast.op is Ops.CUSTOM_FUNCTION and ast.arg == "graph":
-                count += sum(1 for c in ast.src[0].src if c.src[0].op is Ops.PROGRAM)
-        return count
+        calls = without_device_graphs(self._jits[(rows, tokens, filters)].captured._linear).src
+        return sum(1 for call in calls if call.src[0].op is Ops.PROGRAM)
 
     def warm_up(self, progress: bool = True) -> None:
         """Capture every bucket's graph now (call 1 runs eagerly, call 2 captures), so serving compiles nothing."""
