@@ -24,10 +24,16 @@ from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# the worker went away (crash, restart, network): reconnect, then recompute every running sequence. Any other
-# error is about this batch (a bug, a device failure): its requests are aborted and serving goes on.
-WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# the worker went away (crash, restart, network) or is a new instance (FAILED_PRECONDITION: restarted while we
+# were idle): reconnect, then recompute every running sequence. Any other error is about this batch (a bug, a
+# device failure): its requests are aborted and serving goes on.
+WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+               grpc.StatusCode.FAILED_PRECONDITION}
 RETRY_EVERY_S = 1.0
+# reconnect to a worker within a second of its return: gRPC's default backoff grows to 120 s while a worker is
+# away or warming up, and the first token after a restart waited for it (12-51 s)
+WORKER_CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
+                          ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 @dataclass
@@ -44,7 +50,7 @@ class Engine:
     def __init__(self, worker_address: str, execute_timeout_s: float = 600.0):
         self.worker_address = worker_address
         self.execute_timeout_s = execute_timeout_s
-        self.channel = grpc.aio.insecure_channel(worker_address, options=GRPC_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(worker_address, options=WORKER_CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
         self.tokenizer: Tokenizer | None = None
@@ -184,7 +190,8 @@ class Engine:
         return worker_pb2.ExecuteRequest(
             rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(), positions=positions.tobytes(),
             chunk_lens=chunk_lens.tobytes(), block_tables=tables.tobytes(), temperature=temperature.tobytes(),
-            top_p=top_p.tobytes(), top_k=top_k.tobytes(), seeds=seeds.tobytes(), counters=counters.tobytes())
+            top_p=top_p.tobytes(), top_k=top_k.tobytes(), seeds=seeds.tobytes(), counters=counters.tobytes(),
+            instance_id=self.info.instance_id)
 
     def _apply(self, batch: ScheduledBatch, sampled: np.ndarray) -> None:
         for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):

@@ -82,7 +82,7 @@ class Scheduler:
             if not seq.blocks.block_ids:
                 self.blocks.allocate_prompt(seq.blocks, seq.tokens)
                 seq.num_computed = seq.blocks.num_cached_tokens
-                if not seq.num_preemptions:
+                if not seq.output_ids:  # reported for the admission that produces the first token
                     seq.cached_prompt_tokens = seq.num_computed
             first_chunk = min(seq.num_pending, self.prefill_shapes[-1][1])
             if not self.blocks.can_grow(seq.blocks, seq.num_computed + first_chunk):
@@ -119,18 +119,22 @@ class Scheduler:
         return ScheduledBatch(chosen, rows, tokens, lens)
 
     def _decode_batch(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+        """Oldest first, every decoding sequence gets blocks for the call's steps. When blocks run out, the
+        youngest sequence not yet in this batch is preempted, or, if there is none, the sequence itself: a
+        sequence already placed in the batch is never preempted (it would run with no blocks)."""
         # run as many steps as the longest-lived row can use; rows that finish early discard the rest
         steps = max(1, min(self.max_steps, max(s.remaining for s in seqs)))
-        ready = []
-        for seq in list(seqs):
+        ready: list[Sequence] = []
+        for seq in seqs:
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an older one
             # positions written: len(tokens) - 1 ... len(tokens) + steps - 2, within the sequence's limit
             need = min(len(seq.tokens) + steps - 1, seq.max_length)
             while not self.blocks.can_grow(seq.blocks, need):
-                if not self._preempt_youngest(keep=seq):
+                if not self._preempt_youngest(spare=[*ready, seq]):
+                    self._preempt(seq)
                     break
-            if seq.status is not Status.RUNNING or not self.blocks.can_grow(seq.blocks, need):
+            if seq.status is not Status.RUNNING:
                 continue
             self.blocks.grow(seq.blocks, need)
             seq.sync_table_row()
@@ -140,20 +144,22 @@ class Scheduler:
         rows = next(b for b in self.decode_batch_sizes if b >= len(ready))
         return ScheduledBatch(ready, rows, 1, [1] * len(ready), num_steps=steps)
 
-    def _preempt_youngest(self, keep: Sequence | None = None) -> bool:
+    def _preempt_youngest(self, spare: list[Sequence] = ()) -> bool:
         """Frees blocks: first the prefix-cache references a waiting sequence holds, then the blocks of the most
-        recently admitted running sequence (not `keep`). False if there was nothing to free."""
+        recently admitted running sequence not in `spare`. False if there was nothing to free."""
         if self._release_waiting():
             return True
-        victims = [s for s in self.running if s is not keep]
+        victims = [s for s in self.running if s not in spare]
         if not victims:
             return False
-        victim = victims[-1]
+        self._preempt(victims[-1])
+        return True
+
+    def _preempt(self, victim: Sequence) -> None:
         self.running.remove(victim)
         self._requeue(victim)
         self.num_preemptions += 1
         log.info("preempted %s (%d tokens) to free KV blocks", victim.request_id, len(victim.tokens))
-        return True
 
     def _release_waiting(self, keep: Sequence | None = None) -> bool:
         """Drops the prefix-cache references held by waiting sequences (not `keep`); False if none held any."""

@@ -71,7 +71,7 @@ class Sequence:
     text: str = ""  # output text so far, stop strings cut
     emitted_chars: int = 0
     num_preemptions: int = 0
-    cached_prompt_tokens: int = 0  # found in the prefix cache at first admission
+    cached_prompt_tokens: int = 0  # found in the prefix cache at the admission that produced the first token
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:

@@ -243,12 +243,16 @@ def test_request_to_the_worker_with_a_wrong_shape_is_refused(services):
     with grpc.insecure_channel(services["worker"].address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         info = stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest())
+        me = info.instance_id
         with pytest.raises(grpc.RpcError) as err:
-            stub.Execute(worker_pb2.ExecuteRequest(rows=3, tokens=1, num_steps=1))
+            stub.Execute(worker_pb2.ExecuteRequest(rows=3, tokens=1, num_steps=1, instance_id=me))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a bucket" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:  # right bucket, arrays of the wrong size
-            stub.Execute(worker_pb2.ExecuteRequest(rows=1, tokens=1, num_steps=1, token_ids=b"\0" * 8))
+            stub.Execute(worker_pb2.ExecuteRequest(rows=1, tokens=1, num_steps=1, token_ids=b"\0" * 8, instance_id=me))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:  # a caller that does not know this worker instance
+            stub.Execute(worker_pb2.ExecuteRequest(rows=1, tokens=1, num_steps=1, instance_id="another"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert info.num_kv_blocks == 41
 
 

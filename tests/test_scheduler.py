@@ -126,3 +126,22 @@ def test_waiting_requests_holding_blocks_do_not_block_admission():
     sched.waiting.appendleft(c)  # e.g. a preempted sequence goes back to the front
     batch = sched.schedule()
     assert batch is not None and batch.seqs == [c]
+
+
+def test_a_sequence_already_in_the_decode_batch_is_never_preempted():
+    """The oldest sequence gets its blocks first; when the next one finds none left, it is preempted itself
+    instead of taking the blocks of one already placed in the batch (which would then run with none)."""
+    blocks = BlockManager(num_blocks=5, block_size=4)  # 4 usable
+    sched = Scheduler(blocks, decode_batch_sizes=[1, 2], prefill_shapes=[(2, 8)], max_steps=1)
+    old, young = seq(7, max_tokens=20, rid="old"), seq(3, max_tokens=20, rid="young")
+    for s in (old, young):
+        sched.add(s)
+    finish_step(sched.schedule())  # 8 + 4 tokens: 2 + 1 blocks, one left
+    batch = sched.schedule()
+    assert batch.seqs == [old, young]
+    finish_step(batch)
+    # old needs its third block (the last free one) at 9 tokens; young needs a second one at 5 and there is none
+    batch = sched.schedule()
+    assert batch.seqs == [old] and old.status is Status.RUNNING
+    assert young.status is Status.WAITING and young.blocks.block_ids == [] and sched.num_preemptions == 1
+    assert len(old.blocks.block_ids) * 4 >= len(old.tokens)

@@ -62,6 +62,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             eos_token_ids=e.tokenizer.eos_ids, instance_id=self.instance_id)
 
     def Execute(self, request, context) -> worker_pb2.ExecuteResponse:
+        if request.instance_id != self.instance_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"this worker is instance {self.instance_id}, not {request.instance_id or '(none)'}: "
+                          "its KV cache holds none of the caller's blocks; call GetWorkerInfo and recompute")
         try:
             self.engine.runner.check_bucket(request.rows, request.tokens)
             batch = decode_request(request, self.engine.runner.table_width)

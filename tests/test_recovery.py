@@ -1,0 +1,93 @@
+"""Correct under failure, on a worker with a KV pool of 8 blocks: preemption by recompute and worker restarts
+(mid-call and while idle) leave every greedy output exactly what it is with no pressure and no failure."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from shared.processes import free_port, start_scheduler, start_worker
+from tests.test_integration import agenerate, collect, generate, wait_idle
+from tinyvllm.v1 import scheduler_pb2 as pb
+from tinyvllm.v1 import scheduler_pb2_grpc
+
+# 8 usable blocks of 16 tokens: one sequence of max_context fits alone, two long ones cannot run together
+SMALL = ["--decode-batch-sizes", "1,2", "--prefill-shapes", "1x16", "--max-steps", "2", "--kv-blocks", "9",
+         "--max-context", "128"]
+
+
+@pytest.fixture(scope="module")
+def small(demo_checkpoint, tmp_path_factory):
+    """A worker and scheduler pair; tests that kill the worker put a new one in services["worker"]."""
+    log_dir = tmp_path_factory.mktemp("small-pool")
+    port = free_port()
+    services = {"worker": start_worker(demo_checkpoint, log_dir, SMALL, port=port), "port": port,
+                "log_dir": log_dir}
+    services["scheduler"] = start_scheduler(services["worker"].address, log_dir)
+    yield services
+    services["scheduler"].stop()
+    services["worker"].stop()
+
+
+def restart_worker(small, demo_checkpoint) -> None:
+    small["worker"].proc.kill()
+    small["worker"].proc.wait()
+    small["worker"] = start_worker(demo_checkpoint, small["log_dir"], SMALL, port=small["port"])
+
+
+@pytest.fixture
+def stub(small):
+    with grpc.insecure_channel(small["scheduler"].address) as channel:
+        yield scheduler_pb2_grpc.SchedulerStub(channel)
+
+
+async def test_greedy_output_does_not_depend_on_memory_pressure(small, stub):
+    """Two streams of 100 tokens need 14 blocks together: they preempt each other repeatedly, and each must still
+    produce exactly what it produces alone (a preempted sequence is recomputed, never run without its blocks)."""
+    prompts = ["Once upon a time", "The dragon in one story", "Questions and answers:"]
+    kw = dict(max_tokens=100, temperature=0, ignore_eos=True)
+    alone = [generate(stub, p, **kw) for p in prompts]
+    before = stub.GetServerInfo(pb.GetServerInfoRequest()).stats.preemptions
+    async with grpc.aio.insecure_channel(small["scheduler"].address) as channel:
+        aio_stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        together = await asyncio.gather(*(agenerate(aio_stub, p, **kw) for p in prompts))
+    for p, one, crowded in zip(prompts, alone, together):
+        assert crowded.token_ids == one.token_ids, p
+        assert crowded.text == one.text
+    info = wait_idle(stub)
+    assert info.stats.preemptions - before >= 2
+    assert info.free_kv_blocks == info.total_kv_blocks
+
+
+def test_killed_worker_is_refilled_and_the_request_completes(small, stub, demo_checkpoint):
+    kw = dict(max_tokens=100, temperature=0, ignore_eos=True)
+    reference = generate(stub, "Once upon a time", **kw)
+    restarts = stub.GetServerInfo(pb.GetServerInfoRequest()).stats.worker_restarts
+    stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", params=pb.SamplingParams(**kw)))
+    first = next(stream)
+    restart_worker(small, demo_checkpoint)
+    rest = collect(stream)
+    assert list(first.token_ids) + rest.token_ids == reference.token_ids
+    assert rest.finish == pb.FINISH_REASON_LENGTH
+    info = wait_idle(stub)
+    assert info.stats.worker_restarts == restarts + 1
+    assert info.free_kv_blocks == info.total_kv_blocks
+
+
+def test_worker_restarted_while_idle_serves_no_stale_prefix_blocks(small, stub, demo_checkpoint):
+    """The scheduler's prefix cache describes the old worker's KV contents: the first call to a new instance is
+    refused, the cache is forgotten and the prompt recomputed, so the output is the same as before the restart."""
+    prompt = "Once upon a time there was a small server that wanted to answer every question quickly."
+    kw = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    cold = generate(stub, prompt, **kw)
+    warm = generate(stub, prompt, **kw)
+    assert warm.cached_prompt_tokens >= 16 and warm.token_ids == cold.token_ids
+    restarts = stub.GetServerInfo(pb.GetServerInfoRequest()).stats.worker_restarts
+    restart_worker(small, demo_checkpoint)
+    after = generate(stub, prompt, **kw)
+    assert after.token_ids == cold.token_ids
+    assert after.cached_prompt_tokens == 0  # the cache was forgotten, not read
+    info = wait_idle(stub)
+    assert info.stats.worker_restarts == restarts + 1
+    assert info.free_kv_blocks == info.total_kv_blocks
