@@ -12,7 +12,7 @@ export DEV  ?= CPU
 PROTOS := $(wildcard protos/tinyvllm/v1/*.proto)
 GEN    := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup protos demo-model run-worker run-scheduler run-demo client test bench profile clean
+.PHONY: setup protos demo-model run-worker run-scheduler run-demo client test bench profile tune clean
 
 setup:  ## install the pinned dependencies (pyproject.toml) and generate the protobuf code
 	$(PYTHON) -m pip install -q -e '.[test]'
@@ -51,3 +51,6 @@ profile:  ## where a decode step's time goes, kernel by kernel (PROFILE_ARGS="--
 
 clean:
 	rm -rf tinyvllm .cache .pytest_cache
+
+tune:  ## BEAM-search the large kernels once and write tuning/<DEV>.json, which the worker applies at start (TUNE_ARGS="--shape tinyllama")
+	$(PYTHON) -m bench.tune $(TUNE_ARGS)

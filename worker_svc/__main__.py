@@ -24,6 +24,9 @@ def main() -> None:
     ap.add_argument("--no-warm-up", action="store_true", help="capture graphs lazily (tests of warm-up only)")
     ap.add_argument("--beam", type=int, default=0,
                     help="BEAM kernel search width for captured kernels at warm-up (results cached on disk)")
+    ap.add_argument("--tuning", default=None,
+                    help="kernel tuning table (JSON, see `make tune`); default: tuning/<DEV>.json if it exists; "
+                         "'none' to use tinygrad's heuristics alone")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     setup_logging(args.log_level)
@@ -37,7 +40,7 @@ def main() -> None:
     engine = WorkerEngine(WorkerOptions(
         model=args.model, block_size=args.block_size, max_context=args.max_context, kv_blocks=args.kv_blocks,
         kv_cache_gb=args.kv_cache_gb, decode_batch_sizes=args.decode_batch_sizes, prefill_shapes=args.prefill_shapes,
-        max_steps=args.max_steps, dtype=args.dtype, warm_up=not args.no_warm_up))
+        max_steps=args.max_steps, dtype=args.dtype, warm_up=not args.no_warm_up, tuning=args.tuning))
     server = serve(engine, args.host, args.port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -63,8 +63,12 @@ def simplify_symbolic_estimates() -> None:
 def init_compile_worker() -> None:
     """Initializer of tinygrad's compile/BEAM worker processes: tinygrad's own, after our fixes. The workers are
     spawned, so they start without the patches of the parent; they compile kernels (and search BEAM candidates)
-    whose estimates they pickle back, which is where an unsimplified estimate overflowed the recursion limit."""
+    whose estimates they pickle back, which is where an unsimplified estimate overflowed the recursion limit.
+    They also optimise kernels, so they load the parent's tuning table (worker_svc.tuning)."""
+    from worker_svc import tuning
+
     simplify_symbolic_estimates()
+    tuning.install_from_environment()
     _original_init_worker()
 
 

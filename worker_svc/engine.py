@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from tinygrad import Device
 
 from shared.llama_config import LlamaConfig
+from worker_svc import tuning
 from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES
 from worker_svc.kv_cache import PagedKVCache
 from worker_svc.model import LlamaModel
@@ -33,6 +34,7 @@ class WorkerOptions:
     max_steps: int = 8
     dtype: str = "auto"
     warm_up: bool = True
+    tuning: str | None = None  # tuning table (worker_svc.tuning): None = the one shipped for the device, "none" = off
 
 
 @dataclass
@@ -62,6 +64,9 @@ class WorkerEngine:
         self.config = LlamaConfig.load(self.path)
         self.tokenizer = read_tokenizer_info(self.path, self.config)
         self.device = Device.DEFAULT
+        self.tuning = tuning.load_for(self.device, opts.tuning)
+        if self.tuning is not None:
+            tuning.install(self.tuning)
         self.dtype = compute_dtype_for(self.config, opts.dtype)
         self.max_context = min(opts.max_context or self.config.max_position_embeddings,
                                self.config.max_position_embeddings)
