@@ -80,11 +80,41 @@ def print_table(report: dict) -> None:
         f = report["floor"]
         print(f"\n(a) bandwidth floor {f['floor_ms']:.3f} ms/token ({f['floor_tok_s']:.0f} tok/s): "
               f"{f['fraction_of_floor']:.1%} of it reached; idle TTFT p50 {report['scenarios'][0].get('ttft_idle_ms_p50', 0):.1f} ms")
-    for p in report.get("peers", []):
-        ours = next((s for s in report["scenarios"] if s["scenario"].startswith("a" if p["batch"] == 1 else "b")), None)
-        ratio = f", tinyvllm/peer = {ours['output_tok_s'] / p['output_tok_s']:.2f}x" if ours else ""
-        print(f"peer {p['peer']} batch {p['batch']} ({p['prompt']}/{p['new']}): {p['output_tok_s']:.1f} tok/s, "
-              f"TTFT {p['ttft_ms']:.1f} ms{ratio}")
+    if report.get("peers"):
+        from bench.peers import print_ratios
+
+        print_ratios(report)
+
+
+def run_peers(args, checkpoint: str) -> list[dict]:
+    """Rows {peer, figure, value, unit, source} of each peer named in --peer (bench/peers.py)."""
+    from bench import peers
+
+    rows: list[dict] = []
+    for name in [p for p in args.peer.split(",") if p and p != "none"]:
+        try:
+            if name == "hf":
+                from bench import peer_hf
+
+                if not peer_hf.available():
+                    print("--peer hf: torch and transformers are not installed here; skipped")
+                    continue
+                for r in peer_hf.run(checkpoint, [(1, 128, 256), (64, 128, 128)]):
+                    src = f"generate batch {r['batch']} {r['prompt']}/{r['new']}"
+                    figure = "decode_b1_tok_s" if r["batch"] == 1 else "streams64_tok_s"
+                    rows.append(dict(peer="HF eager", figure=figure, value=r["output_tok_s"], unit="tok/s", source=src))
+                    if r["batch"] == 1:
+                        rows.append(dict(peer="HF eager", figure="prefill_128_ms", value=r["ttft_ms"], unit="ms",
+                                         source=src))
+            elif name == "llamacpp":
+                rows += peers.llamacpp(checkpoint, args.llamacpp_src)
+            elif name == "torch-compile":
+                rows += peers.torch_compile()
+            else:
+                raise ValueError(f"unknown peer {name!r}")
+        except Exception as exc:  # a peer that fails must not lose tinyvllm's own figures
+            print(f"peer {name} failed: {exc}")
+    return rows
 
 
 def main() -> None:
@@ -92,7 +122,9 @@ def main() -> None:
     ap.add_argument("--shape", choices=["demo", "tinyllama"], default="demo")
     ap.add_argument("--model", help="an existing checkpoint instead of a generated one")
     ap.add_argument("--scenarios", default="a,b,c")
-    ap.add_argument("--peer", choices=["none", "hf"], default="none")
+    ap.add_argument("--peer", default="none", help="comma list of hf, llamacpp, torch-compile (bench/peers.py)")
+    ap.add_argument("--llamacpp-src", default=str(ROOT / ".peers" / "llamacpp" / "src.tgz"),
+                    help="llama.cpp sources packed by ../shared/peers/llamacpp/prepare.sh")
     ap.add_argument("--decode-batch-sizes", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--prefill-shapes", default="1x128,1x512,4x128,16x128")
     ap.add_argument("--max-steps", type=int, default=16, help="decode steps per worker call (worker --max-steps)")
@@ -153,13 +185,7 @@ def main() -> None:
     if a:
         report["floor"] = floor_fraction(a, report["weight_bytes"], kv_per_token, report["bandwidth_gbs"])
 
-    if args.peer == "hf":
-        from bench import peer_hf
-
-        if peer_hf.available():
-            report["peers"] = peer_hf.run(str(ckpt), [(1, 128, 256), (64, 128, 128)])
-        else:
-            print("--peer hf: torch and transformers are not installed here; skipped")
+    report["peers"] = run_peers(args, str(ckpt))
     print_table(report)
     path = out_dir / f"bench-{args.shape}-{Device.DEFAULT.lower()}.json"
     path.write_text(json.dumps(report, indent=2))

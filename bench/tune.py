@@ -41,14 +41,16 @@ def main() -> None:
     table.device = Device.DEFAULT.split(":")[0]
     tuning.install(table, record_min_bytes=int(args.min_mb * 1e6))
     extra = _parse_worker_args(args.worker_args)
-    t0 = time.perf_counter()
-    engine = WorkerEngine(WorkerOptions(model=str(checkpoint_for(args)), tuning="none",
+    engine = WorkerEngine(WorkerOptions(model=str(checkpoint_for(args)), tuning="none", warm_up=False,
                                         decode_batch_sizes=parse_int_list(args.decode_batch_sizes),
                                         prefill_shapes=parse_shapes(args.prefill_shapes), **extra))
-    elapsed = time.perf_counter() - t0
-    table.save(out, dict(shape=args.shape, model=engine.path.name, beam=args.beam, min_mb=args.min_mb))
-    print(f"tuned {len(table.entries)} kernels ({table.hits} already in the table, {table.misses} not) in "
-          f"{elapsed:.0f}s; wrote {out}")
+    meta = dict(shape=args.shape, model=engine.path.name, beam=args.beam, min_mb=args.min_mb)
+    for B, T in engine.runner.buckets:  # saved after each bucket: a run cut short keeps what it found
+        t0, known = time.perf_counter(), len(table.entries)
+        engine.runner.capture(B, T)
+        table.save(out, meta)
+        print(f"bucket {B}x{T}: {len(table.entries) - known} kernels searched in {time.perf_counter() - t0:.0f}s; "
+              f"{len(table.entries)} in {out}", flush=True)
 
 
 def _parse_worker_args(text: str) -> dict:

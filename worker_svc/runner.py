@@ -182,15 +182,19 @@ class ModelRunner:
         return sum(1 for call in calls if call.src[0].op is Ops.PROGRAM)
 
     def warm_up(self, progress: bool = True) -> None:
-        """Capture every bucket's graph now (call 1 runs eagerly, call 2 captures), so serving compiles nothing."""
+        """Capture every bucket's graphs now, so serving compiles nothing."""
         from tqdm import tqdm
 
         for B, T in tqdm(self.buckets, desc="capturing graphs", unit="bucket", disable=not progress):
-            for filters in (False, True):
-                dummy = self.dummy_batch(B, T)
-                dummy.top_k[:] = 5 if filters else 0
-                for _ in range(3):
-                    self.execute(dummy)
+            self.capture(B, T)
+
+    def capture(self, B: int, T: int) -> None:
+        """Both graphs of one bucket (call 1 runs eagerly, call 2 captures)."""
+        for filters in (False, True):
+            dummy = self.dummy_batch(B, T)
+            dummy.top_k[:] = 5 if filters else 0
+            for _ in range(3):
+                self.execute(dummy)
 
     def dummy_batch(self, B: int, T: int, num_steps: int = 1) -> Batch:
         """Padding rows only: every write goes to the null block, nothing real is touched."""
