@@ -1,8 +1,8 @@
 """`python -m bench.profile` (`make profile`): where a decode step's milliseconds go.
 
-For each decode bucket: the step time of the captured graph replayed as in serving, then the same captured kernels
-run one by one with a device sync after each (tinygrad's DEBUG=2 timing), grouped by kernel. One by one, each
-kernel also pays a launch and a sync that the graph hides, so the sum exceeds the graph's step on a GPU; the
+For each decode bucket, then each prefill bucket: the step time of the captured graph replayed as in serving, then
+the same captured kernels run one by one with a device sync after each (tinygrad's DEBUG=2 timing), grouped by
+kernel. One by one, each kernel also pays a launch and a sync that the graph hides, so the sum exceeds the graph's step on a GPU; the
 per-kernel rows show which kernels dominate and how far each is from the device's bandwidth."""
 from __future__ import annotations
 
@@ -65,10 +65,11 @@ def main() -> None:
     ap.add_argument("--model", help="an existing checkpoint instead of a generated one")
     ap.add_argument("--decode-batch-sizes", default="1,64")
     ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--prefill-shapes", default="1x128", help="captured too (the runner needs one); as in bench")
+    ap.add_argument("--prefill-shapes", default="1x128", help="prefill buckets, profiled after the decode ones")
     ap.add_argument("--kv-cache-gb", type=float, default=8.0)
     ap.add_argument("--max-steps", type=int, default=16, help="decode steps per call when timing the graph (as bench)")
     ap.add_argument("--beam", type=int, default=0)
+    ap.add_argument("--tuning", default=None, help="as the worker's --tuning ('none': tinygrad's heuristics alone)")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -85,18 +86,25 @@ def main() -> None:
     engine = WorkerEngine(WorkerOptions(model=str(checkpoint_for(args)),
                                         decode_batch_sizes=parse_int_list(args.decode_batch_sizes),
                                         prefill_shapes=parse_shapes(args.prefill_shapes),
-                                        max_steps=args.max_steps, kv_cache_gb=args.kv_cache_gb))
+                                        max_steps=args.max_steps, kv_cache_gb=args.kv_cache_gb,
+                                        tuning=args.tuning))
     runner = engine.runner
-    report = dict(shape=args.shape, device=Device.DEFAULT, beam=args.beam, context=args.context, buckets=[],
+    report = dict(shape=args.shape, device=Device.DEFAULT, beam=args.beam, tuning=args.tuning or "shipped",
+                  context=args.context, buckets=[],
                   jit_batch_size=os.environ.get("JIT_BATCH_SIZE", "default"))
     steps = args.max_steps
-    for rows in runner.decode_batch_sizes:
-        step_us = median_seconds(runner, real_batch(runner, rows, 1, args.context, steps), 10) / steps * 1e6
-        times = kernel_times(runner, real_batch(runner, rows, 1, args.context))
+    shapes = [(rows, 1) for rows in runner.decode_batch_sizes] + [s for s in runner.prefill_shapes if s[1] > 1]
+    for rows, tokens in shapes:
+        decode = tokens == 1
+        context = args.context if decode else tokens
+        n = steps if decode else 1
+        step_us = median_seconds(runner, real_batch(runner, rows, tokens, context, n), 10) / n * 1e6
+        times = kernel_times(runner, real_batch(runner, rows, tokens, context))
         kernel_sum = sum(us for _, us, _ in times)
-        report["buckets"].append(dict(rows=rows, graph_step_us=step_us, kernels=len(times), kernel_sum_us=kernel_sum,
-                                      top=summarize(times, args.top)))
-        print(f"\n== decode rows={rows}, context {args.context}, {Device.DEFAULT}, BEAM={args.beam}: graph step "
+        report["buckets"].append(dict(rows=rows, tokens=tokens, graph_step_us=step_us, kernels=len(times),
+                                      kernel_sum_us=kernel_sum, top=summarize(times, args.top)))
+        what = f"decode rows={rows}, context {context}" if decode else f"prefill {rows}x{tokens}"
+        print(f"\n== {what}, {Device.DEFAULT}, BEAM={args.beam}: graph {'step' if decode else 'call'} "
               f"{step_us:.0f} us; {len(times)} kernels sum to {kernel_sum:.0f} us one by one (each with its own "
               f"launch and sync)")
         print(f"{'us':>8} {'share':>6} {'n':>4} {'mean us':>8} {'GB/s':>6}  kernel")
