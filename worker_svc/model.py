@@ -12,6 +12,7 @@ from tinygrad import Tensor, UOp
 
 from shared.llama_config import LlamaConfig
 from worker_svc.kv_cache import PagedKVCache
+from worker_svc.paged_attention import paged_decode_attention
 from worker_svc.weights import LlamaWeights
 
 
@@ -47,20 +48,18 @@ class LlamaModel:
         cfg, w = self.config, self.weights
         B, T = tokens.shape
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        group = H // KV
         q_dim = H * hd
 
         x = w.embed[tokens].float()  # residual stream in fp32
-        cos = self.rope_cos[positions].reshape(B, T, 1, hd // 2)
-        sin = self.rope_sin[positions].reshape(B, T, 1, hd // 2)
-        tables = block_tables[:, :num_blocks]
-        key_pos = self.key_positions[:num_blocks * self.cache.block_size]
-        # causal mask over the gathered context: key slot s is visible to a query at position p when s <= p;
-        # laid out like the attention scores, (B, 1, group * T, S), one row per (query head in group, token)
-        visible = (key_pos.reshape(1, 1, -1) <= positions.reshape(B, T, 1)).reshape(B, 1, 1, T, -1)
-        visible = visible.expand(B, 1, group, T, visible.shape[-1]).reshape(B, 1, group * T, -1)
-        flat_slots = slots.reshape(B * T)
-        scale = 1.0 / math.sqrt(hd)
+        flat_slots, flat_positions = slots.reshape(B * T), positions.reshape(B * T)
+        if T == 1:  # decode: one fused kernel per layer rotates q and reads K and V in place through the block table
+            def attention(qkv: Tensor, pool: Tensor) -> Tensor:
+                out = paged_decode_attention(qkv.reshape(B, -1), pool, block_tables, positions.reshape(B), num_blocks,
+                                             self.cache.block_size, KV, hd, num_heads=H,
+                                             rope=(self.rope_cos, self.rope_sin), out_dtype=self.cache.dtype)
+                return out.reshape(B, T, q_dim)
+        else:
+            attention = self._prefill_attention(positions, block_tables, num_blocks)
 
         # With 16 rows or more, matrix products read plain buffers: with a norm or SiLU fused into its input, a
         # tensor-core kernel recomputes that input for every tile of output columns (on the H200 the batch-64 down
@@ -70,32 +69,44 @@ class LlamaModel:
         for i, layer in enumerate(w.layers):
             h = dense(rms_norm(x, layer.attn_norm, cfg.rms_norm_eps))
             qkv = h @ layer.wqkv.T
-            q = qkv[..., :q_dim].reshape(B, T, H, hd).float()
-            k = qkv[..., q_dim:q_dim + cfg.kv_dim].reshape(B, T, KV, hd).float()
-            v = qkv[..., q_dim + cfg.kv_dim:]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-            pool = self.cache.write(i, k.reshape(B * T, cfg.kv_dim), v.reshape(B * T, cfg.kv_dim), flat_slots)
-            keys, values = self.cache.gather(pool, tables)  # (B, S, KV, hd)
-
-            # GQA without repeating K and V: the query heads sharing a KV head are the rows of one matmul
-            qg = q.reshape(B, T, KV, group, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, group * T, hd)
-            kt = keys.permute(0, 2, 3, 1)  # (B, KV, hd, S)
-            scores = (qg.cast(keys.dtype) @ kt).float() * scale  # (B, KV, G*T, S)
-            scores = visible.where(scores, -math.inf)
-            vt = values.permute(0, 2, 1, 3)  # (B, KV, S, hd)
-            if T == 1:  # decode: one kernel fewer matters more than computing exp() twice
-                weights = (scores - scores.max(-1, keepdim=True)).exp()
-                attn = (weights.cast(values.dtype) @ vt).float() / weights.sum(-1, keepdim=True)  # (B, KV, G, hd)
-            else:  # prefill: T x S exponentials are worth storing once
-                attn = (scores.softmax(-1).cast(values.dtype) @ vt).float()  # (B, KV, G*T, hd)
-            attn = attn.reshape(B, KV, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, q_dim)
+            pool = self.cache.write(i, qkv.reshape(B * T, -1), q_dim, self.rope_cos, self.rope_sin, flat_positions,
+                                    flat_slots)
+            attn = attention(qkv, pool)  # (B, T, q_dim)
             x = x + (dense(attn.cast(layer.wo.dtype)) @ layer.wo.T).float()
 
             h = dense(rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps))
             gate, up = (h @ layer.w_gate_up.T).chunk(2, dim=-1)
             x = x + (dense(gate.silu() * up) @ layer.w_down.T).float()
         return rms_norm(x, w.norm, cfg.rms_norm_eps)
+
+    def _prefill_attention(self, positions: Tensor, block_tables: Tensor, num_blocks: UOp | int):
+        """Causal attention of a chunk of T > 1 tokens per row over the gathered context, as Tensor ops
+        (compute-bound matrix products: tinygrad's tensor-core kernels)."""
+        cfg = self.config
+        B, T = positions.shape
+        KV, hd = cfg.num_key_value_heads, cfg.head_dim
+        H = cfg.num_attention_heads
+        group = H // KV
+        cos = self.rope_cos[positions].reshape(B, T, 1, hd // 2)
+        sin = self.rope_sin[positions].reshape(B, T, 1, hd // 2)
+        tables = block_tables[:, :num_blocks]
+        key_pos = self.key_positions[:num_blocks * self.cache.block_size]
+        # causal mask over the gathered context: key slot s is visible to a query at position p when s <= p;
+        # laid out like the attention scores, (B, 1, group * T, S), one row per (query head in group, token)
+        visible = (key_pos.reshape(1, 1, -1) <= positions.reshape(B, T, 1)).reshape(B, 1, 1, T, -1)
+        visible = visible.expand(B, 1, group, T, visible.shape[-1]).reshape(B, 1, group * T, -1)
+        scale = 1.0 / math.sqrt(hd)
+
+        def attention(qkv: Tensor, pool: Tensor) -> Tensor:
+            q = apply_rope(qkv[..., :H * hd].reshape(B, T, H, hd).float(), cos, sin)
+            keys, values = self.cache.gather(pool, tables)  # (B, S, KV, hd)
+            # GQA without repeating K and V: the query heads sharing a KV head are the rows of one matmul
+            qg = q.reshape(B, T, KV, group, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, group * T, hd)
+            scores = (qg.cast(keys.dtype) @ keys.permute(0, 2, 3, 1)).float() * scale  # (B, KV, G*T, S)
+            scores = visible.where(scores, -math.inf)
+            attn = (scores.softmax(-1).cast(values.dtype) @ values.permute(0, 2, 1, 3)).float()  # (B, KV, G*T, hd)
+            return attn.reshape(B, KV, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, KV * group * hd)
+        return attention
 
     def logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
                num_blocks: UOp | int, last_index: Tensor | None = None) -> Tensor:
