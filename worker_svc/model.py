@@ -6,6 +6,7 @@ blocks attention reads is a bound symbolic variable, so one captured graph per (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from tinygrad import Tensor, UOp
@@ -50,6 +51,11 @@ class LlamaModel:
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim = H * hd
 
+        # With 16 rows or more, matrix products read plain buffers: with a norm or SiLU fused into its input, a
+        # tensor-core kernel recomputes that input for every tile of output columns (on the H200 the batch-64 down
+        # projection ran at 50 GB/s that way). Fewer rows are matrix-vector work, where the fused input costs
+        # little and the extra kernels (2 or 3 per layer) would cost a launch each.
+        dense = (lambda t: t.contiguous()) if B * T >= 16 else (lambda t: t)
         x = w.embed[tokens].float()  # residual stream in fp32
         flat_slots, flat_positions = slots.reshape(B * T), positions.reshape(B * T)
         if T == 1:  # decode: one fused kernel per layer rotates q and reads K and V in place through the block table
@@ -59,29 +65,26 @@ class LlamaModel:
                                              rope=(self.rope_cos, self.rope_sin), out_dtype=self.cache.dtype)
                 return out.reshape(B, T, q_dim)
         else:
-            attention = self._prefill_attention(positions, block_tables, num_blocks)
+            attention = self._prefill_attention(positions, block_tables, num_blocks, dense)
 
-        # With 16 rows or more, matrix products read plain buffers: with a norm or SiLU fused into its input, a
-        # tensor-core kernel recomputes that input for every tile of output columns (on the H200 the batch-64 down
-        # projection ran at 50 GB/s that way). Fewer rows are matrix-vector work, where the fused input costs
-        # little and the extra kernels (3 per layer) would cost a launch each.
-        dense = (lambda t: t.contiguous()) if B * T >= 16 else (lambda t: t)
         for i, layer in enumerate(w.layers):
             h = dense(rms_norm(x, layer.attn_norm, cfg.rms_norm_eps))
             qkv = h @ layer.wqkv.T
             pool = self.cache.write(i, qkv.reshape(B * T, -1), q_dim, self.rope_cos, self.rope_sin, flat_positions,
                                     flat_slots)
-            attn = attention(qkv, pool)  # (B, T, q_dim)
-            x = x + (dense(attn.cast(layer.wo.dtype)) @ layer.wo.T).float()
+            attn = attention(qkv, pool)  # (B, T, q_dim) in the weights' dtype, ready for the output projection
+            x = x + (attn @ layer.wo.T).float()
 
             h = dense(rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps))
             gate, up = (h @ layer.w_gate_up.T).chunk(2, dim=-1)
             x = x + (dense(gate.silu() * up) @ layer.w_down.T).float()
         return rms_norm(x, w.norm, cfg.rms_norm_eps)
 
-    def _prefill_attention(self, positions: Tensor, block_tables: Tensor, num_blocks: UOp | int):
+    def _prefill_attention(self, positions: Tensor, block_tables: Tensor, num_blocks: UOp | int,
+                           dense: Callable[[Tensor], Tensor]):
         """Causal attention of a chunk of T > 1 tokens per row over the gathered context, as Tensor ops
-        (compute-bound matrix products: tinygrad's tensor-core kernels)."""
+        (compute-bound matrix products: tinygrad's tensor-core kernels). `dense` materialises the output for the
+        output projection when it has enough rows for tensor cores."""
         cfg = self.config
         B, T = positions.shape
         KV, hd = cfg.num_key_value_heads, cfg.head_dim
@@ -105,7 +108,8 @@ class LlamaModel:
             scores = (qg.cast(keys.dtype) @ keys.permute(0, 2, 3, 1)).float() * scale  # (B, KV, G*T, S)
             scores = visible.where(scores, -math.inf)
             attn = (scores.softmax(-1).cast(values.dtype) @ values.permute(0, 2, 1, 3)).float()  # (B, KV, G*T, hd)
-            return attn.reshape(B, KV, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, KV * group * hd)
+            attn = attn.reshape(B, KV, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, KV * group * hd)
+            return dense(attn.cast(self.cache.dtype))
         return attention
 
     def logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,

@@ -1,0 +1,32 @@
+"""Structural invariants of the captured graphs as a GPU would run them, checked on this CPU machine: tinygrad's
+NULL device lowers and renders every kernel with the Metal or CUDA renderer without running it (bench/kernels.py)."""
+from __future__ import annotations
+
+import re
+
+from bench.kernels import run_in_subprocess
+
+# issue #7's first bar for a batch-1 decode step at the TinyLlama shape (320 kernels before the fused attention)
+MAX_KERNELS_TINYLLAMA_DECODE = 200
+
+
+def counts(output: str) -> dict[str, tuple[int, int]]:
+    """bucket -> (kernels, kernels with tensor-core instructions)"""
+    return {m[1]: (int(m[2]), int(m[3]))
+            for m in re.finditer(r"^(\d+x\d+): (\d+) kernels, (\d+) with tensor-core", output, re.M)}
+
+
+def test_the_model_renders_for_metal():
+    """Decode (with the fused paged-attention kernel) and prefill graphs lower and render for Apple GPUs."""
+    found = counts(run_in_subprocess("NULL:METAL", "--shape", "demo", "--decode-batch-sizes", "1,4",
+                                     "--prefill-shapes", "4x16"))
+    assert set(found) == {"1x1", "4x1", "4x16"}
+    assert found["1x1"][0] == found["4x1"][0] <= 32  # 2 layers: one attention kernel each, no gathers
+
+
+def test_tinyllama_decode_step_kernel_count_on_cuda():
+    """Kernel launches per batch-1 decode step at the TinyLlama shape (22 layers), rendered for an H100/H200."""
+    found = counts(run_in_subprocess("NULL:CUDA:sm_90", "--shape", "tinyllama", "--decode-batch-sizes", "1",
+                                     "--prefill-shapes", "1x16", "--decode-only"))
+    kernels, _ = found["1x1"]
+    assert kernels <= MAX_KERNELS_TINYLLAMA_DECODE, f"{kernels} kernels per batch-1 decode step"
