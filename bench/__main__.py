@@ -118,6 +118,8 @@ def run_peers(args, checkpoint: str) -> list[dict]:
 
 
 def main() -> None:
+    from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES, format_int_list, format_shapes
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", choices=["demo", "tinyllama"], default="demo")
     ap.add_argument("--model", help="an existing checkpoint instead of a generated one")
@@ -125,8 +127,8 @@ def main() -> None:
     ap.add_argument("--peer", default="none", help="comma list of hf, llamacpp, torch-compile (bench/peers.py)")
     ap.add_argument("--llamacpp-src", default=str(ROOT / ".peers" / "llamacpp" / "src.tgz"),
                     help="llama.cpp sources packed by ../shared/peers/llamacpp/prepare.sh")
-    ap.add_argument("--decode-batch-sizes", default="1,2,4,8,16,32,64,128,256")
-    ap.add_argument("--prefill-shapes", default="1x128,1x512,4x128,16x128")
+    ap.add_argument("--decode-batch-sizes", default=format_int_list(DEFAULT_DECODE_BATCH_SIZES))
+    ap.add_argument("--prefill-shapes", default=format_shapes(DEFAULT_PREFILL_SHAPES))
     ap.add_argument("--max-steps", type=int, default=16, help="decode steps per worker call (worker --max-steps)")
     ap.add_argument("--kv-cache-gb", type=float, default=8.0)
     ap.add_argument("--beam", type=int, default=0)

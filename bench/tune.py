@@ -14,13 +14,13 @@ import time
 
 
 def main() -> None:
-    from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES
+    from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES, format_int_list, format_shapes
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", choices=["demo", "tinyllama"], default="tinyllama")
     ap.add_argument("--model", help="an existing checkpoint instead of a generated one")
-    ap.add_argument("--decode-batch-sizes", default=",".join(map(str, DEFAULT_DECODE_BATCH_SIZES)))
-    ap.add_argument("--prefill-shapes", default=",".join(f"{b}x{t}" for b, t in DEFAULT_PREFILL_SHAPES))
+    ap.add_argument("--decode-batch-sizes", default=format_int_list(DEFAULT_DECODE_BATCH_SIZES))
+    ap.add_argument("--prefill-shapes", default=format_shapes(DEFAULT_PREFILL_SHAPES))
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--min-mb", type=float, default=4.0, help="search only kernels touching at least this much")
     ap.add_argument("--out", default="", help="default: tuning/<DEV>.json (entries already there are kept)")

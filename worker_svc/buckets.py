@@ -2,13 +2,24 @@
 parsed before tinygrad reads its environment (BEAM, PARALLEL)."""
 from __future__ import annotations
 
-DEFAULT_DECODE_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+# Few buckets: each is two graphs to compile at start (about 12 s a bucket at the TinyLlama shape on an H100), and
+# padding a batch to the next one costs little (projections are bandwidth-bound up to dozens of rows; a padding
+# row's attention reads one slot).
+DEFAULT_DECODE_BATCH_SIZES = [1, 4, 16, 64, 256]
 DEFAULT_PREFILL_SHAPES = [(1, 128), (1, 512), (4, 128), (16, 128)]
 
 
 def parse_int_list(text: str) -> list[int]:
     """"1,2,4" -> [1, 2, 4]: decode buckets."""
     return [int(x) for x in text.split(",") if x]
+
+
+def format_int_list(values: list[int]) -> str:
+    return ",".join(map(str, values))
+
+
+def format_shapes(shapes: list[tuple[int, int]]) -> str:
+    return ",".join(f"{rows}x{tokens}" for rows, tokens in shapes)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
