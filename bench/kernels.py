@@ -108,7 +108,6 @@ def main() -> None:
     ap.add_argument("--decode-batch-sizes", default="1,64")
     ap.add_argument("--prefill-shapes", default="16x128")
     ap.add_argument("--decode-only", action="store_true", help="capture the decode buckets only")
-    ap.add_argument("--tuning", help="a tuning table to apply (its device is not checked): counts its hits")
     ap.add_argument("-v", "--verbose", action="store_true", help="list the kernels of each graph")
     args = ap.parse_args()
     if not os.environ.get("DEV", "").startswith("NULL"):
@@ -118,20 +117,14 @@ def main() -> None:
 
     configure_environment()
     install_render_only_compilers()
-    from worker_svc import tuning
     from worker_svc.buckets import parse_int_list, parse_shapes
 
-    table = tuning.TuningTable.load(args.tuning) if args.tuning else None
-    if table:
-        tuning.install(table)
     for bucket, info in census(args.shape, parse_int_list(args.decode_batch_sizes),
                                parse_shapes(args.prefill_shapes), skip_prefill=args.decode_only).items():
         print(f"{bucket}: {info['kernels']} kernels, {info['tensor_core_kernels']} with tensor-core instructions")
         if args.verbose:
             for name, n in info["names"].items():
                 print(f"    {n:4d}  {name}")
-    if table:
-        print(f"tuning table {args.tuning}: {table.hits} kernels optimised from it, {table.misses} not")
 
 
 if __name__ == "__main__":
