@@ -6,20 +6,21 @@ import asyncio
 import signal
 
 from scheduler_svc.engine import Engine
-from scheduler_svc.server import serve
+from scheduler_svc.server import Limits, drain, serve
 from shared.service import setup_logging
 
 
 async def run(args: argparse.Namespace) -> None:
     engine = Engine(args.worker)
     await engine.start(connect_timeout_s=args.connect_timeout)
-    server, _ = await serve(engine, args.host, args.port)
+    limits = Limits(max_request_mb=args.max_request_mb, max_waiting=args.max_waiting, max_streams=args.max_streams)
+    server, _, servicer = await serve(engine, args.host, args.port, limits)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop(grace=2)
+    await drain(server, servicer, engine, grace_s=args.shutdown_grace)
     await engine.stop()
 
 
@@ -29,6 +30,15 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=50051)
     ap.add_argument("--connect-timeout", type=float, default=900.0, help="seconds to wait for the worker to be ready")
+    defaults = Limits()
+    ap.add_argument("--max-request-mb", type=float, default=defaults.max_request_mb,
+                    help="largest GenerateRequest accepted (larger: RESOURCE_EXHAUSTED from gRPC)")
+    ap.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
+                    help="requests queued for admission; beyond: RESOURCE_EXHAUSTED at once")
+    ap.add_argument("--max-streams", type=int, default=defaults.max_streams,
+                    help="open Generate streams; beyond: RESOURCE_EXHAUSTED at once")
+    ap.add_argument("--shutdown-grace", type=float, default=5.0,
+                    help="seconds streams get to finish on SIGTERM before they end with FINISH_REASON_ABORT")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     setup_logging(args.log_level)

@@ -62,8 +62,10 @@ class Service:
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "PYTHONPATH": path, "DEV": os.environ.get("DEV", "CPU")}
         out = log_path.open("w") if log_path else None
+        # a process group of its own: a signal to the group reaches the service and its compile workers only
         proc = subprocess.Popen([sys.executable, "-m", module, "--host", host, "--port", str(port), *args],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True)
         service = cls(name, f"{host}:{port}", proc, log_path)
         try:
             wait_serving(service.address, proc, log_path, timeout_s)
@@ -87,5 +89,6 @@ def start_worker(model_dir: pathlib.Path, log_dir: pathlib.Path | None, extra: l
     return Service.start("worker", "worker_svc", ["--model", str(model_dir), *extra], log_dir, port=port)
 
 
-def start_scheduler(worker: str, log_dir: pathlib.Path | None, port: int | None = None) -> Service:
-    return Service.start("scheduler", "scheduler_svc", ["--worker", worker], log_dir, port=port)
+def start_scheduler(worker: str, log_dir: pathlib.Path | None, port: int | None = None,
+                    extra: list[str] = ()) -> Service:
+    return Service.start("scheduler", "scheduler_svc", ["--worker", worker, *extra], log_dir, port=port)

@@ -6,13 +6,17 @@ import logging
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # between scheduler and worker: a large batch's arrays
+
+
+def message_limits(max_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+
+
+GRPC_OPTIONS = message_limits(MAX_MESSAGE_BYTES)
 # servers only: without this, gRPC's SO_REUSEPORT lets a second server bind a port that is already taken, silently
-SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+SERVER_OPTIONS = [*GRPC_OPTIONS, *NO_REUSEPORT]
 
 
 def add_health_and_reflection(server, service_names: list[str], aio: bool) -> health.HealthServicer:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import grpc
 import pytest
@@ -30,10 +33,16 @@ def small(demo_checkpoint, tmp_path_factory):
     services["worker"].stop()
 
 
-def restart_worker(small, demo_checkpoint) -> None:
-    small["worker"].proc.kill()
-    small["worker"].proc.wait()
+def restart_worker(small, demo_checkpoint, stop_signal: int = signal.SIGKILL) -> float:
+    """Stops the worker with `stop_signal` sent to its whole process group (as systemd and `kill -- -PGID` do),
+    starts a new one on the same port; returns the seconds the old one took to exit."""
+    proc = small["worker"].proc
+    t0 = time.monotonic()
+    os.killpg(proc.pid, stop_signal)
+    proc.wait(timeout=60)
+    took = time.monotonic() - t0
     small["worker"] = start_worker(demo_checkpoint, small["log_dir"], SMALL, port=small["port"])
+    return took
 
 
 @pytest.fixture
@@ -84,10 +93,34 @@ def test_worker_restarted_while_idle_serves_no_stale_prefix_blocks(small, stub, 
     warm = generate(stub, prompt, **kw)
     assert warm.cached_prompt_tokens >= 16 and warm.token_ids == cold.token_ids
     restarts = stub.GetServerInfo(pb.GetServerInfoRequest()).stats.worker_restarts
-    restart_worker(small, demo_checkpoint)
+    # SIGTERM to the process group, compile workers included, ends the worker within seconds (it used to hang)
+    assert restart_worker(small, demo_checkpoint, signal.SIGTERM) < 10
     after = generate(stub, prompt, **kw)
     assert after.token_ids == cold.token_ids
     assert after.cached_prompt_tokens == 0  # the cache was forgotten, not read
     info = wait_idle(stub)
     assert info.stats.worker_restarts == restarts + 1
     assert info.free_kv_blocks == info.total_kv_blocks
+
+
+def test_shutdown_refuses_new_requests_and_aborts_streams_after_the_grace(small, demo_checkpoint):
+    """Runs last in this module: SIGTERM to a scheduler (started with a 0.2 s grace) makes new requests UNAVAILABLE
+    (retryable elsewhere) and ends a stream still running after the grace with FINISH_REASON_ABORT."""
+    scheduler = start_scheduler(small["worker"].address, small["log_dir"], extra=["--shutdown-grace", "0.2"])
+    try:
+        with grpc.insecure_channel(scheduler.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            small["scheduler"].stop()  # one scheduler per worker: the module's goes first
+            stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", params=pb.SamplingParams(
+                max_tokens=100, temperature=0, ignore_eos=True)))
+            first = next(stream)
+            scheduler.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as err:
+                generate(stub, "The dragon", max_tokens=4)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = collect(stream)
+            assert rest.finish == pb.FINISH_REASON_ABORT and "shutting down" in rest.stop_reason
+            assert len(first.token_ids) + len(rest.token_ids) < 100
+            assert scheduler.proc.wait(timeout=15) == 0
+    finally:
+        scheduler.stop()

@@ -46,7 +46,10 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    server.stop(grace=2).wait()
+    server.stop(grace=2).wait()  # the call in progress finishes; new ones are refused
+    from worker_svc.compat import shutdown_compile_workers
+
+    shutdown_compile_workers()
 
 
 if __name__ == "__main__":
