@@ -1,7 +1,9 @@
 """Runs fixed-shape batches: TinyJit graphs per (rows, tokens) bucket, captured at warm-up and replayed.
 
 A decode call may run several steps back to back on the device, feeding each step's sampled tokens into the
-next, so the gRPC round trip and the host work are paid once per call rather than once per token.
+next, so the gRPC round trip and the host work are paid once per call rather than once per token. A call's row may
+also take its input token from the last token the previous call sampled for some row (`Batch.prev_rows`): the
+scheduler can then send the next call before it has seen the previous one's result, and the worker never waits.
 """
 from __future__ import annotations
 
@@ -42,7 +44,9 @@ class Batch:
 
     token_ids (B, T); per row: positions of the first token, chunk_lens (valid tokens, 0 for a padding row),
     sampling parameters, counters (tokens the row has sampled so far, for seeded reproducibility);
-    block_tables (B, W) with W = the worker's fixed table width; num_steps decode steps to run (T == 1)."""
+    block_tables (B, W) with W = the worker's fixed table width; num_steps decode steps to run (T == 1);
+    prev_rows (B,) or None: per row, the row of the previous call whose last sampled token is this row's input
+    (its token_ids entry is ignored), -1 to use token_ids (decode only)."""
 
     token_ids: np.ndarray
     positions: np.ndarray
@@ -54,6 +58,7 @@ class Batch:
     seeds: np.ndarray
     counters: np.ndarray
     num_steps: int = 1
+    prev_rows: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -73,10 +78,20 @@ class ModelRunner:
         self._jits: dict[tuple[int, int, bool], TinyJit] = {
             (*shape, filters): TinyJit(functools.partial(self._step, filters=filters))
             for shape in self.buckets for filters in (False, True)}
-        # per bucket, the tokens sampled at each step of a call: read back once per call, and read by the graph
-        # itself as the next step's input, so multi-step decode never waits on the host
-        self._sampled = {shape: Tensor.zeros(shape[0], max_steps, dtype=dtypes.int32).contiguous().realize()
-                         for shape in self.buckets}
+        # the tokens sampled at each step of a call, row by row, one buffer for every bucket: read back once per
+        # call, and read by the graphs themselves as the next step's input and as the first input of rows that
+        # continue a row of the previous call (of any bucket), so neither multi-step decode nor a pipelined
+        # next call waits on the host
+        self.max_rows = max(b for b, _ in self.buckets)
+        self._sampled = Tensor.zeros(self.max_rows, max_steps, dtype=dtypes.int32).contiguous().realize()
+        self._last_call: tuple[int, int] | None = None  # (rows, num_steps) of the last call; None: unknown
+        # per bucket, the call's two host-to-device copies (token ids, packed metadata) as a captured graph too:
+        # copied eagerly, each took milliseconds of tinygrad scheduling on the host (10 ms a call on the 2-core
+        # CPU machine), which decided what a short, pipelined call costs
+        self._uploads: dict[tuple[int, int], TinyJit] = {shape: TinyJit(self._upload) for shape in self.buckets}
+        # ... from host arrays kept per bucket, which tinygrad's NPY device wraps without a copy: each call writes
+        # its inputs there instead of wrapping new arrays
+        self._host: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, Tensor, Tensor]] = {}
         self._step_var = UOp.variable("step", 0, max_steps - 1)
         self._blocks_var = UOp.variable("num_blocks", 1, self.table_width)
 
@@ -84,12 +99,13 @@ class ModelRunner:
     def _step(self, tokens: Tensor, meta: Tensor, step: UOp, num_blocks: UOp, filters: bool) -> Tensor:
         """One forward + sample for every row; `step` offsets positions and RNG counters inside multi-step calls.
 
-        Step 0 reads `tokens`; step s > 0 reads the tokens sampled at step s - 1 from the bucket's sampled buffer.
-        `filters` (fixed per graph) includes the top-k/top-p search."""
+        Decode step 0 reads `tokens`, where a negative id -1 - i names entry i of the flattened sampled buffer (a
+        row of the previous call at its last step); step s > 0 reads the tokens sampled at step s - 1. `filters`
+        (fixed per graph) includes the top-k/top-p search."""
         B, T = tokens.shape
-        sampled = self._sampled[(B, T)]
-        previous = (sampled * (Tensor.arange(self.max_steps) == Tensor(step) - 1).reshape(1, -1)).sum(1, keepdim=True)
-        tokens = (Tensor(step) == 0).where(tokens, previous.cast(dtypes.int32))
+        sampled = self._sampled
+        if T == 1:
+            tokens = self._decode_inputs(tokens, step)
         bs, W = self.block_size, self.table_width
         tables = meta[:, META_COLS:]
         offsets = Tensor.arange(T).reshape(1, T)
@@ -106,6 +122,22 @@ class ModelRunner:
                              (meta[:, COUNTER] + step).bitcast(dtypes.uint32), filters=filters)
         store = sampled.uop.shrink(((0, B), (step, step + 1))).store(next_tokens.reshape(B, 1).uop)
         return Tensor(sampled.uop.after(store))
+
+    def _upload(self, tokens: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
+        device = self.model.weights.embed.device
+        return tokens.to(device).contiguous(), meta.to(device).contiguous()
+
+    def _decode_inputs(self, tokens: Tensor, step: UOp) -> Tensor:
+        """(B, 1) input tokens of a decode step, gathered on the device from the sampled buffer where they were
+        sampled there: by the previous step of this call, or (step 0, negative id) by the previous call. A gather
+        over the small (max_rows * max_steps) buffer, the same graph whatever the previous call's bucket."""
+        B = tokens.shape[0]
+        R, S = self._sampled.shape
+        first = tokens.reshape(B)
+        at_start = Tensor(step) == 0
+        index = at_start.where(-1 - first, Tensor.arange(B, dtype=dtypes.int32) * S + (Tensor(step) - 1))
+        fed = self._sampled.reshape(R * S).gather(0, index.clip(0, R * S - 1))
+        return (at_start.logical_not() | (first < 0)).where(fed, first).reshape(B, 1)
 
     # ---- host side -------------------------------------------------------------------------------------------
     def check_bucket(self, rows: int, tokens: int) -> None:
@@ -136,6 +168,17 @@ class ModelRunner:
         vocab = self.model.config.vocab_size
         if (batch.token_ids < 0).any() or (batch.token_ids >= vocab).any():
             raise BatchError(f"token ids must be in [0, {vocab})")
+        if batch.prev_rows is not None:
+            if batch.prev_rows.shape != (B,):
+                raise BatchError(f"prev_rows must have one entry per row ({B}), got shape {batch.prev_rows.shape}")
+            if (batch.prev_rows >= 0).any():
+                if T != 1:
+                    raise BatchError("only decode rows (one token per row) can continue a row of the previous call")
+                if self._last_call is None:
+                    raise BatchError("prev_rows name rows of a previous call, but the last call did not complete")
+                rows = self._last_call[0]
+                if (batch.prev_rows < -1).any() or (batch.prev_rows >= rows).any():
+                    raise BatchError(f"prev_rows must be -1 or a row of the previous call, in [0, {rows})")
         return B, T
 
     def _pack_meta(self, batch: Batch) -> np.ndarray:
@@ -162,15 +205,41 @@ class ModelRunner:
         B, T = self.validate(batch)
         return B, T, bool(((batch.top_k > 0) | (batch.top_p < 1.0)).any())
 
+    def _input_tokens(self, batch: Batch) -> np.ndarray:
+        """token_ids with each fed row's first token replaced by -1 - (its flat index in the sampled buffer): the
+        previous call left the row's last token at [prev_row, its num_steps - 1]. Same bytes as token_ids, so a
+        pipelined call copies no more to the device than any other."""
+        tokens = np.ascontiguousarray(batch.token_ids, dtype=np.int32)
+        if batch.prev_rows is None or not (fed := batch.prev_rows >= 0).any():
+            return tokens
+        tokens = tokens.copy()
+        tokens[fed, 0] = -1 - (batch.prev_rows[fed] * self.max_steps + self._last_call[1] - 1)
+        return tokens
+
+    def _upload_inputs(self, batch: Batch, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The call's token ids and packed metadata on the device, copied by the bucket's upload graph."""
+        if shape not in self._host:
+            host_tokens = np.zeros(shape, np.int32)
+            host_meta = np.zeros((shape[0], META_COLS + self.table_width), np.int32)
+            self._host[shape] = (host_tokens, host_meta, Tensor(host_tokens, device="NPY"),
+                                 Tensor(host_meta, device="NPY"))
+        host_tokens, host_meta, tokens, meta = self._host[shape]
+        np.copyto(host_tokens, self._input_tokens(batch))
+        np.copyto(host_meta, self._pack_meta(batch))
+        return self._uploads[shape](tokens, meta)
+
     def execute(self, batch: Batch) -> np.ndarray:
         """Run the batch; returns the sampled token ids, (B, num_steps) int32. Two host-to-device copies per call."""
-        jit = self._jits[self.graph_key(batch)]
-        tokens = Tensor(np.ascontiguousarray(batch.token_ids, dtype=np.int32))
-        meta = Tensor(self._pack_meta(batch))
+        key = self.graph_key(batch)
+        jit = self._jits[key]
+        tokens, meta = self._upload_inputs(batch, key[:2])
         num_blocks = self._blocks_var.bind(self.blocks_to_read(batch))
+        self._last_call = None  # a call that fails part-way leaves the sampled buffer in no known state
         for s in range(batch.num_steps):
             sampled = jit(tokens, meta, self._step_var.bind(s), num_blocks)
-        return sampled.numpy()[:, :batch.num_steps]
+        out = sampled.numpy()[:batch.token_ids.shape[0], :batch.num_steps]
+        self._last_call = (batch.token_ids.shape[0], batch.num_steps)
+        return out
 
     def captured(self) -> dict[tuple[int, int, bool], object]:
         """The captured graph of every (rows, tokens, filters) variant; None where not yet captured."""

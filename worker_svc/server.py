@@ -1,10 +1,12 @@
-"""The worker's gRPC face: decodes ExecuteRequests into arrays, runs them, and reports what it serves."""
+"""The worker's gRPC face: decodes ExecuteRequests into arrays, runs them in the order the scheduler sent them,
+and reports what it serves."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent import futures
 
 import grpc
@@ -40,14 +42,100 @@ def decode_request(req: worker_pb2.ExecuteRequest, width: int) -> Batch:
         seeds=_array(req.seeds, np.uint32, (B,), "seeds"),
         counters=_array(req.counters, np.uint32, (B,), "counters"),
         num_steps=req.num_steps or 1,
+        prev_rows=_prev_rows(req, B),
     )
+
+
+def _prev_rows(req: worker_pb2.ExecuteRequest, B: int) -> np.ndarray | None:
+    if not req.previous_rows:
+        return None
+    rows = _array(req.previous_rows, np.int32, (B,), "previous_rows")
+    if (rows >= 0).any() and not req.previous_call:
+        raise BatchError("previous_rows name rows of a previous call, but previous_call is 0")
+    return rows
+
+
+class OutOfOrder(Exception):
+    """A call that must follow a call the worker did not run last (or that failed): its inputs are not there."""
+
+
+class CallOrder:
+    """Runs numbered calls strictly in the order the scheduler sent them, one at a time.
+
+    gRPC hands concurrent calls to a thread pool in no particular order, and a pipelined call N+1 reads what call
+    N left on the device (its sampled tokens, its KV writes), so N+1 waits here until N has run. Only the calls
+    that touched the device count as run; a refused call (bad shape, wrong instance) leaves the last one as it was.
+    """
+
+    ARRIVAL_WAIT_S = 10.0  # how long to wait for a previous call that has not even arrived
+    KEEP = 256  # outcomes remembered, for calls that arrive after their predecessor settled
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._last_run = 0  # call_index of the last call that ran on the device (0: unnumbered or none)
+        self._last_ok = False
+        self._arrived: set[int] = set()  # numbered calls received and not yet settled
+        self._settled: OrderedDict[int, bool] = OrderedDict()  # call_index -> ran successfully
+
+    def arrive(self, index: int) -> None:
+        if index:
+            with self._cond:
+                self._arrived.add(index)
+                self._settled.pop(index, None)  # a number used before (another scheduler session) is a new call
+
+    def run(self, index: int, previous: int, fn):
+        """Waits for `previous` to settle, checks it ran last and succeeded, then runs fn() with the device to
+        itself. Raises OutOfOrder (nothing runs) if not. fn raises BatchError only before touching the device (a
+        refusal); any other exception counts as a failed run."""
+        with self._cond:
+            if previous:
+                deadline = time.monotonic() + self.ARRIVAL_WAIT_S
+                while previous not in self._settled:
+                    left = deadline - time.monotonic()
+                    if previous not in self._arrived and left <= 0:
+                        self._settle(index, ran=False, ok=False)
+                        raise OutOfOrder(f"call {index} follows call {previous}, which never reached this worker")
+                    self._cond.wait(timeout=max(left, 0.0) if previous not in self._arrived else None)
+                if self._last_run != previous or not self._last_ok:
+                    last = self._last_run or "an unnumbered call or none"
+                    how = "failed" if self._last_run == previous else f"was not the last call run (that was {last})"
+                    self._settle(index, ran=False, ok=False)
+                    raise OutOfOrder(f"call {index} follows call {previous}, which {how}: the sampled tokens and KV "
+                                     "writes it builds on are not there; resend it with token ids and no "
+                                     "previous call")
+            try:
+                result = fn()
+            except BatchError:  # refused by validation, before anything touched the device
+                self._settle(index, ran=False, ok=False)
+                raise
+            except BaseException:
+                self._settle(index, ran=True, ok=False)
+                raise
+            self._settle(index, ran=True, ok=True)
+            return result
+
+    def refuse(self, index: int) -> None:
+        """A numbered call refused before running: calls that follow it are refused at once, not after a wait."""
+        if index:
+            with self._cond:
+                self._settle(index, ran=False, ok=False)
+
+    def _settle(self, index: int, ran: bool, ok: bool) -> None:
+        if ran:
+            self._last_run, self._last_ok = index, ok
+        if index:
+            self._arrived.discard(index)
+            self._settled[index] = ok
+            while len(self._settled) > self.KEEP:
+                self._settled.popitem(last=False)
+        self._cond.notify_all()
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: WorkerEngine):
         self.engine = engine
         self.instance_id = uuid.uuid4().hex
-        self._lock = threading.Lock()  # one batch on the device at a time
+        self.order = CallOrder()  # also keeps one batch on the device at a time
 
     def GetWorkerInfo(self, request, context) -> worker_pb2.WorkerInfo:
         e, r = self.engine, self.engine.runner
@@ -62,17 +150,29 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             eos_token_ids=e.tokenizer.eos_ids, instance_id=self.instance_id)
 
     def Execute(self, request, context) -> worker_pb2.ExecuteResponse:
+        index = request.call_index
         if request.instance_id != self.instance_id:
+            self.order.refuse(index)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"this worker is instance {self.instance_id}, not {request.instance_id or '(none)'}: "
                           "its KV cache holds none of the caller's blocks; call GetWorkerInfo and recompute")
+        self.order.arrive(index)
+        runner = self.engine.runner
         try:
-            self.engine.runner.check_bucket(request.rows, request.tokens)
-            batch = decode_request(request, self.engine.runner.table_width)
-            with self._lock:
+            try:
+                runner.check_bucket(request.rows, request.tokens)
+                batch = decode_request(request, runner.table_width)
+            except Exception:  # never ran: a call that follows it is refused at once
+                self.order.refuse(index)
+                raise
+
+            def run() -> tuple[np.ndarray, float]:
                 t0 = time.perf_counter()
-                tokens = self.engine.runner.execute(batch)
-                elapsed = time.perf_counter() - t0
+                return runner.execute(batch), time.perf_counter() - t0
+
+            tokens, elapsed = self.order.run(index, request.previous_call, run)
+        except OutOfOrder as exc:
+            context.abort(grpc.StatusCode.ABORTED, str(exc))
         except BatchError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # a failure on the device: say so plainly, keep serving
