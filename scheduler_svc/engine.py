@@ -1,7 +1,11 @@
-"""The scheduler's event loop: schedule a batch, send it to the worker, apply the sampled tokens, stream them.
+"""The scheduler's event loop: plan a call, send it to the worker, apply the sampled tokens, stream them.
 
 Everything runs on one asyncio loop, the gRPC server's, so sequence state needs no locks: new requests are
-added between worker calls, and streaming and detokenization happen while no call is outstanding.
+added while calls are in flight, and streaming and detokenization happen while the worker runs the next call.
+Calls are pipelined (scheduler.PIPELINE_DEPTH): while the worker runs call N, call N+1 is already on its way,
+planned from the state after N, so the worker never waits for this process. When N returns, its tokens are
+applied, call N+2 is sent, and only then are the new tokens streamed. All sequence state changes happen in the
+Scheduler (schedule, postprocess, discard); this module does the I/O.
 """
 from __future__ import annotations
 
@@ -10,13 +14,14 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.scheduler import ScheduledBatch, Scheduler
+from scheduler_svc.scheduler import PIPELINE_DEPTH, STREAM_STEPS, ScheduledBatch, Scheduler
 from scheduler_svc.sequence import Sampling, Sequence
 from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
 from shared.service import GRPC_OPTIONS
@@ -38,18 +43,33 @@ WORKER_CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 2
 
 @dataclass
 class StepStats:
-    """Counters for the share of time the gRPC hop costs (issue: hide the scheduler-worker latency)."""
+    """Counters for the share of time the gRPC hop costs (issue: hide the scheduler-worker latency).
+
+    wall_seconds is the time at least one call was outstanding (pipelined calls overlap, so it is not their sum),
+    worker_seconds the time the worker spent running them: the difference is the time the worker waited."""
 
     calls: int = 0
     tokens: int = 0
     wall_seconds: float = 0.0
     worker_seconds: float = 0.0
+    refused_calls: int = 0  # pipelined calls the worker refused as out of order (then resent with token ids)
+
+
+@dataclass
+class _Call:
+    """A call sent to the worker and not yet settled."""
+
+    batch: ScheduledBatch
+    task: asyncio.Task
 
 
 class Engine:
-    def __init__(self, worker_address: str, execute_timeout_s: float = 600.0):
+    def __init__(self, worker_address: str, execute_timeout_s: float = 600.0,
+                 pipeline_depth: int = PIPELINE_DEPTH, stream_steps: int = STREAM_STEPS):
         self.worker_address = worker_address
         self.execute_timeout_s = execute_timeout_s
+        self.pipeline_depth = pipeline_depth  # 1: no pipelining (each call waits for the previous result)
+        self.stream_steps = stream_steps
         self.channel = grpc.aio.insecure_channel(worker_address, options=WORKER_CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
@@ -58,7 +78,9 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.stats = StepStats()
         self._wake = asyncio.Event()
-        self._inflight: set[Sequence] = set()
+        self._calls: deque[_Call] = deque()  # sent, oldest first; results are applied in this order
+        self._broken = False  # a call failed: the calls after it are discarded, none is sent until all settled
+        self._busy_since = 0.0
         self._task: asyncio.Task | None = None
         self._by_id: dict[str, Sequence] = {}
         self.restarts = 0  # times a new worker instance was refilled
@@ -71,7 +93,9 @@ class Engine:
                                    list(info.eos_token_ids))
         self.blocks = BlockManager(info.num_kv_blocks, info.block_size)
         self.scheduler = Scheduler(self.blocks, list(info.decode_batch_sizes),
-                                   [(s.rows, s.tokens) for s in info.prefill_shapes], info.max_steps_per_call)
+                                   [(s.rows, s.tokens) for s in info.prefill_shapes], info.max_steps_per_call,
+                                   max_inflight=self.pipeline_depth, stream_steps=self.stream_steps,
+                                   call_base=random.getrandbits(48) << 8)  # never an earlier session's numbers
         log.info("worker %s: %s on %s, %d KV blocks, buckets %s", self.worker_address, info.model_name,
                  info.device, info.num_kv_blocks - 1, list(info.decode_batch_sizes))
         self._task = asyncio.create_task(self._loop())
@@ -122,106 +146,150 @@ class Engine:
         self._wake.set()
 
     def abort(self, seq: Sequence, reason: str = "cancelled") -> None:
-        """The client went away: finish now; the blocks are freed at once unless a worker call is using them."""
+        """The client went away: finish now; the blocks are freed at once unless a call in flight uses them."""
         if seq.finish:
             return
         seq.outbox.put_nowait(seq.abort(reason))
-        if seq not in self._inflight:
-            self._finish(seq)
+        self._finish(seq)
+
+    def abort_all(self, reason: str) -> None:
+        """Ends every request (the server shuts down): each stream gets FINISH_REASON_ABORT with `reason`."""
+        for seq in list(self._by_id.values()):
+            self.abort(seq, reason)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
-        self._by_id.pop(seq.request_id, None)
+        if self._by_id.get(seq.request_id) is seq:
+            del self._by_id[seq.request_id]
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
-            batch = self.scheduler.schedule()
-            if batch is None:
+            self._send_ready()
+            if not self._calls:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            head = self._calls[0]
+            if len(self._calls) < self.pipeline_depth and not self._broken:
+                # room for another call: a request that arrives now is planned at once, not after this call
+                self._wake.clear()
+                woken = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({head.task, woken}, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if not head.task.done():
+                    continue
+            else:
+                await asyncio.wait({head.task})
+            self._pop_call()
             try:
-                await self._run(batch)
-            except Exception as exc:  # a bug or a device failure must not stop serving everybody else
-                log.exception("batch failed; aborting its requests")
-                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else f"internal error: {exc}"
-                for seq in batch.seqs:
-                    if not seq.finish:
-                        seq.outbox.put_nowait(seq.abort(reason))
-                    self._finish(seq)
-            finally:
-                self._inflight.clear()
+                await self._settle(head)
+            except Exception as exc:  # a bug must not stop serving everybody else
+                log.exception("applying a batch failed; aborting its requests")
+                if self.scheduler.inflight and self.scheduler.inflight[0] is head.batch:
+                    self.scheduler.discard(head.batch)
+                self._broken = True
+                self._abort_batch(head.batch, f"internal error: {exc}")
+            if not self._calls:
+                self._broken = False  # every call after the failed one has settled: plan from what happened
 
-    async def _run(self, batch: ScheduledBatch) -> None:
-        request = self._encode(batch)
-        self._inflight = set(batch.seqs)
-        t0 = time.perf_counter()
+    def _pop_call(self) -> _Call:
+        call = self._calls.popleft()
+        if not self._calls:
+            self.stats.wall_seconds += time.perf_counter() - self._busy_since
+        return call
+
+    def _send_ready(self) -> None:
+        """Sends calls while the pipeline has room and the scheduler has work."""
+        while not self._broken and len(self._calls) < self.pipeline_depth:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return
+            if not self._calls:
+                self._busy_since = time.perf_counter()
+            request = self._encode(batch)
+            self._calls.append(_Call(batch, asyncio.ensure_future(
+                self.stub.Execute(request, timeout=self.execute_timeout_s))))
+
+    async def _settle(self, call: _Call) -> None:
+        """The oldest call returned: apply its tokens, send the next call, then stream; or handle its failure."""
+        batch = call.batch
         try:
-            response = await self.stub.Execute(request, timeout=self.execute_timeout_s)
+            response = call.task.result()
         except grpc.aio.AioRpcError as exc:
             if exc.code() in WORKER_LOST:
-                await self._recover(exc)
+                await self._recover(call, exc)
                 return
-            raise
+            self.scheduler.discard(batch)
+            if self._broken:  # planned on a call that failed before it: its failure is that one's
+                return
+            self._broken = True
+            if exc.code() == grpc.StatusCode.ABORTED:  # out of order: nothing ran; plan it again with token ids
+                log.warning("worker refused call %d: %s", batch.call_index, exc.details())
+                self.stats.refused_calls += 1
+            else:  # about this batch (a bug, a device failure): its requests are aborted, serving goes on
+                log.error("worker call failed (%s: %s); aborting its requests", exc.code().name, exc.details())
+                self._abort_batch(batch, exc.details())
+            return
+        if self._broken:  # a call before this one failed: this one was planned on results that never came
+            self.scheduler.discard(batch)
+            return
         self.stats.calls += 1
-        self.stats.wall_seconds += time.perf_counter() - t0
         self.stats.worker_seconds += response.device_seconds
         sampled = np.frombuffer(response.token_ids, dtype=np.int32).reshape(batch.rows, batch.num_steps)
-        self._apply(batch, sampled)
+        updates = self.scheduler.postprocess(batch, sampled)
+        self._send_ready()  # the worker gets its next call before the streams are fed
+        for seq, delta in updates:
+            self.stats.tokens += len(delta.token_ids)
+            seq.outbox.put_nowait(delta)
+            if seq.finish:
+                self._finish(seq)
+
+    def _abort_batch(self, batch: ScheduledBatch, reason: str) -> None:
+        for seq in batch.seqs:
+            if not seq.finish:
+                seq.outbox.put_nowait(seq.abort(reason))
+            self._finish(seq)
 
     def _encode(self, batch: ScheduledBatch) -> worker_pb2.ExecuteRequest:
-        """Pads the batch to its bucket: padding rows have chunk_len 0 and a table of null blocks."""
+        """Pads the planned batch to its bucket: padding rows have chunk_len 0 and a table of null blocks."""
         B, T, n = batch.rows, batch.tokens, len(batch.seqs)
         tokens = np.zeros((B, T), np.int32)
         positions, chunk_lens, top_k = (np.zeros(B, np.int32) for _ in range(3))
         temperature, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
         seeds, counters = np.zeros(B, np.uint32), np.zeros(B, np.uint32)
+        prev_rows = np.full(B, -1, np.int32)
         tables = np.zeros((B, self.info.block_table_width), np.int32)
         for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
-            start = seq.num_computed
-            tokens[i, :length] = seq.tokens[start:start + length]
-            positions[i], chunk_lens[i] = start, length
+            tokens[i, :len(batch.inputs[i])] = batch.inputs[i]
+            positions[i], chunk_lens[i], prev_rows[i] = batch.positions[i], length, batch.prev_rows[i]
             s = seq.sampling
             temperature[i], top_p[i], top_k[i], seeds[i] = s.temperature, s.top_p, s.top_k, s.seed
-            counters[i] = len(seq.output_ids)
+            counters[i] = batch.counters[i]
         if n:
             tables[:n] = np.stack([seq.table_row for seq in batch.seqs])
+        fed = bool((prev_rows >= 0).any())
         return worker_pb2.ExecuteRequest(
             rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(), positions=positions.tobytes(),
             chunk_lens=chunk_lens.tobytes(), block_tables=tables.tobytes(), temperature=temperature.tobytes(),
             top_p=top_p.tobytes(), top_k=top_k.tobytes(), seeds=seeds.tobytes(), counters=counters.tobytes(),
-            instance_id=self.info.instance_id)
+            instance_id=self.info.instance_id, call_index=batch.call_index, previous_call=batch.previous_call,
+            previous_rows=prev_rows.tobytes() if fed else b"")
 
-    def _apply(self, batch: ScheduledBatch, sampled: np.ndarray) -> None:
-        for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
-            if seq.finish:  # aborted while the call ran
-                self._finish(seq)
-                continue
-            if batch.is_prefill:
-                seq.num_computed += length
-                new = [int(sampled[i, 0])] if seq.num_pending == 0 else []
-            else:
-                new = sampled[i, :batch.num_steps].tolist()
-            delta = None
-            if new:
-                delta = seq.append(new)
-                self.stats.tokens += len(delta.token_ids)
-                seq.num_computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
-            self.blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
-            if delta is not None:
-                seq.outbox.put_nowait(delta)
-            if seq.finish:
-                self._finish(seq)
-
-    async def _recover(self, exc: grpc.aio.AioRpcError) -> None:
-        """The worker failed mid-call: recompute every running sequence, on the same or a restarted worker."""
+    async def _recover(self, failed: _Call, exc: grpc.aio.AioRpcError) -> None:
+        """The worker failed mid-call: recompute every running sequence, on the same or a restarted worker. The
+        calls sent after the failed one are awaited and their results dropped: they built on it."""
         log.error("worker call failed (%s: %s); recomputing %d running sequences", exc.code().name,
                   exc.details(), len(self.scheduler.running))
+        self.scheduler.discard(failed.batch)
+        while self._calls:
+            later = self._pop_call()
+            try:
+                await later.task
+            except Exception:
+                pass
+            self.scheduler.discard(later.batch)
         self.scheduler.preempt_all()
-        for seq in list(self._inflight):
-            if seq.finish:
-                self._finish(seq)
         info = await self._fetch_worker_info(timeout_s=float("inf"))
         if info.instance_id != self.info.instance_id:
             layout = (info.num_kv_blocks, info.block_size, info.block_table_width, info.max_context)

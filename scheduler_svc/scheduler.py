@@ -1,47 +1,94 @@
-"""Continuous batching policy: what runs next, padded to a bucket the worker has a graph for.
+"""Continuous batching policy: what runs next, padded to a bucket the worker has a graph for, and what its result
+does to every sequence (nano-vllm style: `schedule`, the engine runs it, `postprocess`).
 
 Each call to `schedule` returns one batch: prefill chunks when any sequence needs one (new requests get their
-first token quickly), otherwise one decode batch of every running sequence, several steps long. Finished
+first token quickly), otherwise one decode batch of every running sequence, a few steps long. Finished
 sequences leave at once; new ones join at the next call. When decode needs blocks that are not there, the
 youngest running sequence is preempted: its blocks are released and it is recomputed later.
+
+Calls are pipelined: up to `max_inflight` calls are sent before their results come back, so the worker starts
+the next call the moment one ends instead of waiting for the scheduler's host work and a gRPC round trip. A
+call is planned from the state the sequences will have after the calls in flight (`Sequence.planned_len`,
+`planned_computed`); a row whose newest token is still being sampled by the previous call names that call's row
+(`prev_rows`), and the worker feeds the token forward on the device. Tokens sampled past a stop (EOS, stop
+string), which the plan could not foresee, are discarded, as with the steps of a multi-step call; a finished
+or aborted sequence keeps its blocks until no call in flight uses them, and the prefix cache learns only of
+K/V whose call has returned. A preemption never takes a sequence that a call in flight still uses.
 """
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from scheduler_svc.block_manager import BlockManager, NoFreeBlocks
-from scheduler_svc.sequence import Sequence, Status
+from scheduler_svc.sequence import Delta, Sequence, Status
 
 log = logging.getLogger(__name__)
+
+# Calls sent to the worker and not yet answered: one running, one queued behind it, so the worker never waits.
+PIPELINE_DEPTH = 2
+# Decode steps per call. Pipelining hides the scheduler's host work and the gRPC round trip, so calls can be
+# short, and short calls bound two latencies: a request that arrives waits for the call running and the one queued
+# behind it (at most twice this many steps) before its prefill runs, and a stream receives its tokens once per
+# call. What a short call still costs is the worker's own per-call work (request decoding, copies, read-back).
+STREAM_STEPS = 2
+# ... and while requests are arriving (one arrived within the last ARRIVING_CALLS calls), one step per call, so
+# that the next arrivals of a burst join within about two steps. Requests that wait for rows or blocks do not
+# shorten calls: they join when a sequence finishes, and one-step calls under saturation would only add overhead.
+JOIN_STEPS = 1
+ARRIVING_CALLS = 4
 
 
 @dataclass
 class ScheduledBatch:
+    """One worker call: the sequences in it, padded to a bucket, and the inputs of each row as planned."""
+
     seqs: list[Sequence]
     rows: int  # bucket rows, >= len(seqs)
     tokens: int  # bucket tokens per row (1 for decode)
     chunk_lens: list[int]  # valid tokens per sequence
     num_steps: int = 1
+    # filled by the scheduler when the call is planned (`Scheduler._launch`), one entry per sequence
+    positions: list[int] = field(default_factory=list)  # position of the row's first token
+    inputs: list[list[int]] = field(default_factory=list)  # the row's input tokens ([0] for a fed row)
+    prev_rows: list[int] = field(default_factory=list)  # row of previous_call whose last token is the input, or -1
+    counters: list[int] = field(default_factory=list)  # tokens the sequence has sampled before this call
+    new_tokens: list[int] = field(default_factory=list)  # tokens the row samples that the sequence keeps
+    call_index: int = 0  # numbers the scheduler's calls, 1, 2, ...
+    previous_call: int = 0  # the call in flight this one follows, 0 if none
 
     @property
     def is_prefill(self) -> bool:
         return self.tokens > 1
 
+    def written(self, i: int) -> int:
+        """Positions whose K/V row i writes: its chunk, or one per decode step."""
+        return self.chunk_lens[i] if self.is_prefill else self.num_steps
+
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, decode_batch_sizes: list[int], prefill_shapes: list[tuple[int, int]],
-                 max_steps: int):
+                 max_steps: int, max_inflight: int = PIPELINE_DEPTH, stream_steps: int = STREAM_STEPS,
+                 join_steps: int = JOIN_STEPS, call_base: int = 0):
         self.blocks = blocks
         self.decode_batch_sizes = sorted(decode_batch_sizes)
         self.max_running = self.decode_batch_sizes[-1]
         # a 1-token chunk is a decode bucket of the same rows
         self.prefill_shapes = sorted({*prefill_shapes, *((b, 1) for b in self.decode_batch_sizes)},
                                      key=lambda s: (s[1], s[0]))
-        self.max_steps = max_steps
+        self.max_steps = max_steps  # the worker's bound on steps per call
+        self.stream_steps = min(stream_steps, max_steps)
+        self.join_steps = min(join_steps, max_steps)
+        self._calls_since_arrival = ARRIVING_CALLS
+        self.max_inflight = max_inflight
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.inflight: deque[ScheduledBatch] = deque()  # calls planned and not yet settled, oldest first
+        self.num_calls = 0
+        self.call_base = call_base  # call indices are call_base + 1, + 2, ...: distinct per scheduler session
         self.num_preemptions = 0
 
     @property
@@ -50,30 +97,47 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._calls_since_arrival = 0
 
     def remove(self, seq: Sequence) -> None:
-        """Takes a sequence out (finished or aborted) and returns its blocks."""
+        """Takes a sequence out (finished or aborted); its blocks are returned now, or when the last call in
+        flight that uses them returns (`_settle_row`): until then the worker may still write them."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.release(seq.blocks)
-        seq.sync_table_row()
+        seq.status = Status.FINISHED
+        if not seq.inflight_calls:
+            self.blocks.release(seq.blocks)
+            seq.sync_table_row()
 
     # ---- policy -------------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        """The next batch, or None when nothing can run. A pass that only freed blocks (by preempting) is
-        followed by another, so the caller never waits for a wake-up while runnable work exists."""
+        """The next call, planned after the calls in flight and counted as in flight itself (the caller sends it,
+        then hands its result to `postprocess`, or to `discard` if none comes); None when nothing can run now.
+        A pass that only freed blocks (by preempting) is followed by another, so the caller never waits for a
+        wake-up while runnable work exists."""
+        if len(self.inflight) >= self.max_inflight:
+            return None
         for _ in range(len(self.running) + len(self.waiting) + 1):
             self._admit()
             prefill = [s for s in self.running if s.in_prefill]
             batch = self._prefill_batch(prefill) if prefill else None
             if batch is None:
-                decode = [s for s in self.running if s.num_pending == 1]
+                decode = [s for s in self.running if s.num_pending == 1 and s.remaining_to_schedule > 0]
                 batch = self._decode_batch(decode) if decode else None
-            if batch is not None or not self.running:
+            if batch is not None:
+                self._launch(batch)
                 return batch
+            if not self.running:
+                return None
         return None
+
+    def _call_steps(self) -> int:
+        """Steps of the next decode call: join_steps while requests are arriving or an admitted one still waits
+        for its prefill, stream_steps once the batch is stable."""
+        arriving = self._calls_since_arrival < ARRIVING_CALLS or any(s.in_prefill for s in self.running)
+        return max(1, self.join_steps if arriving else self.stream_steps)
 
     def _admit(self) -> None:
         """Moves waiting sequences to running while rows and blocks for their first chunk are free."""
@@ -107,7 +171,7 @@ class Scheduler:
         for seq in seqs[:n]:
             chunk = min(seq.num_pending, tokens)
             try:
-                self.blocks.grow(seq.blocks, seq.num_computed + chunk)
+                self.blocks.grow(seq.blocks, seq.planned_computed + chunk)
             except NoFreeBlocks:
                 continue
             seq.sync_table_row()
@@ -120,21 +184,27 @@ class Scheduler:
 
     def _decode_batch(self, seqs: list[Sequence]) -> ScheduledBatch | None:
         """Oldest first, every decoding sequence gets blocks for the call's steps. When blocks run out, the
-        youngest sequence not yet in this batch is preempted, or, if there is none, the sequence itself: a
-        sequence already placed in the batch is never preempted (it would run with no blocks)."""
+        youngest sequence not yet in this batch (and in no call in flight) is preempted, or, if there is none,
+        the sequence itself: a sequence already placed in the batch is never preempted (it would run with no
+        blocks). A sequence that a call in flight still uses is left out of this call instead (its blocks are
+        being written); once that call returns it can be preempted like any other."""
         # run as many steps as the longest-lived row can use; rows that finish early discard the rest
-        steps = max(1, min(self.max_steps, max(s.remaining for s in seqs)))
+        steps = max(1, min(self._call_steps(), max(s.remaining_to_schedule for s in seqs)))
         ready: list[Sequence] = []
         for seq in seqs:
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an older one
-            # positions written: len(tokens) - 1 ... len(tokens) + steps - 2, within the sequence's limit
-            need = min(len(seq.tokens) + steps - 1, seq.max_length)
+            # positions written: planned_len - 1 ... planned_len + steps - 2, within the sequence's limit
+            need = min(seq.planned_len + steps - 1, seq.max_length)
+            placed = True
             while not self.blocks.can_grow(seq.blocks, need):
                 if not self._preempt_youngest(spare=[*ready, seq]):
-                    self._preempt(seq)
+                    if seq.inflight_calls:
+                        placed = False
+                    else:
+                        self._preempt(seq)
                     break
-            if seq.status is not Status.RUNNING:
+            if seq.status is not Status.RUNNING or not placed:
                 continue
             self.blocks.grow(seq.blocks, need)
             seq.sync_table_row()
@@ -149,7 +219,7 @@ class Scheduler:
         recently admitted running sequence not in `spare`. False if there was nothing to free."""
         if self._release_waiting():
             return True
-        victims = [s for s in self.running if s not in spare]
+        victims = [s for s in self.running if s not in spare and not s.inflight_calls]
         if not victims:
             return False
         self._preempt(victims[-1])
@@ -171,7 +241,9 @@ class Scheduler:
         return bool(holding)
 
     def preempt_all(self) -> None:
-        """The worker lost its KV contents: every sequence is recomputed from its tokens, holding no blocks."""
+        """The worker lost its KV contents: every sequence is recomputed from its tokens, holding no blocks.
+        Calls in flight must have been settled (`discard`) first."""
+        assert not self.inflight, "preempt_all with calls in flight"
         self._release_waiting()  # a waiting head may hold prefix-cache references
         for seq in reversed(self.running):
             self._requeue(seq)
@@ -183,3 +255,82 @@ class Scheduler:
         seq.sync_table_row()
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
+
+    # ---- calls in flight ---------------------------------------------------------------------------------------
+    def _launch(self, batch: ScheduledBatch) -> None:
+        """Plans each row's inputs from the state after the calls in flight, then counts the call in flight."""
+        self.num_calls += 1
+        self._calls_since_arrival += 1
+        batch.call_index = self.call_base + self.num_calls
+        previous = self.inflight[-1] if self.inflight else None
+        batch.previous_call = previous.call_index if previous else 0
+        for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
+            start = seq.planned_computed
+            batch.positions.append(start)
+            batch.counters.append(len(seq.output_ids) + seq.inflight_tokens)
+            if seq.inflight_tokens and start + length > len(seq.tokens):
+                # its newest token is being sampled by the previous call: the worker feeds it forward
+                assert not batch.is_prefill and length == 1 and previous is not None
+                assert seq.feed is not None and seq.feed[0] == previous.call_index, "fed from a call not in flight"
+                batch.inputs.append([0])
+                batch.prev_rows.append(seq.feed[1])
+            else:
+                batch.inputs.append(seq.tokens[start:start + length])
+                batch.prev_rows.append(-1)
+            samples = batch.num_steps if not batch.is_prefill else int(start + length == seq.planned_len)
+            batch.new_tokens.append(samples)
+            seq.inflight_tokens += samples
+            seq.inflight_computed += batch.written(i)
+            seq.inflight_calls += 1
+            if samples:
+                seq.feed = (batch.call_index, i)
+        self.inflight.append(batch)
+
+    def _settle_row(self, batch: ScheduledBatch, i: int) -> Sequence:
+        """Row i's call is over (applied or discarded): it no longer counts in the plan; a finished sequence
+        whose last call this was returns its blocks."""
+        seq = batch.seqs[i]
+        seq.inflight_tokens -= batch.new_tokens[i]
+        seq.inflight_computed -= batch.written(i)
+        seq.inflight_calls -= 1
+        if seq.feed is not None and seq.feed[0] == batch.call_index:
+            seq.feed = None
+        if seq.status is Status.FINISHED and not seq.inflight_calls:
+            self.blocks.release(seq.blocks)
+            seq.sync_table_row()
+        return seq
+
+    def postprocess(self, batch: ScheduledBatch, sampled: np.ndarray) -> list[tuple[Sequence, Delta]]:
+        """Applies the oldest call's sampled tokens, (rows, num_steps); returns what to stream to whom. Sequences
+        that finish leave the scheduler (their blocks once no call in flight uses them)."""
+        assert self.inflight and self.inflight[0] is batch, "results must be applied in the order of the calls"
+        self.inflight.popleft()
+        out: list[tuple[Sequence, Delta]] = []
+        for i, length in enumerate(batch.chunk_lens):
+            seq = self._settle_row(batch, i)
+            if seq.status is Status.FINISHED:  # finished or aborted while the call ran: results discarded
+                continue
+            if batch.is_prefill:
+                seq.num_computed += length
+                new = [int(sampled[i, 0])] if batch.new_tokens[i] else []
+            else:
+                new = sampled[i, :batch.num_steps].tolist()
+            delta = None
+            if new:
+                delta = seq.append(new)
+                seq.num_computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
+            # only K/V of calls that returned: a block is published once all its tokens were really written
+            self.blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
+            if delta is not None:
+                out.append((seq, delta))
+            if seq.finish:
+                self.remove(seq)
+        return out
+
+    def discard(self, batch: ScheduledBatch) -> None:
+        """The oldest call in flight returned no result (refused, failed, or a call before it did): its rows are
+        taken out of the plan, so the next call is planned from what really happened."""
+        assert self.inflight and self.inflight[0] is batch, "calls must be settled in order"
+        self.inflight.popleft()
+        for i in range(len(batch.seqs)):
+            self._settle_row(batch, i)

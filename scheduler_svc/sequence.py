@@ -64,7 +64,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # leading tokens whose K/V are in the worker's cache
+    num_computed: int = 0  # leading tokens whose K/V are in the worker's cache (calls whose result was applied)
     blocks: BlockTable = field(default_factory=BlockTable)
     finish: Finish = Finish.NONE
     stop_reason: str = ""
@@ -73,6 +73,12 @@ class Sequence:
     num_preemptions: int = 0
     cached_prompt_tokens: int = 0  # found in the prefix cache at the admission that produced the first token
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Calls sent to the worker whose results are not applied yet (pipelining): the scheduler plans the next call
+    # from the state the sequence will have after them. Their tokens are not in `tokens` until applied.
+    inflight_tokens: int = 0  # tokens those calls will sample for this sequence
+    inflight_computed: int = 0  # positions past num_computed whose K/V those calls will write
+    inflight_calls: int = 0  # those calls with a row for this sequence: its blocks stay until they return
+    feed: tuple[int, int] | None = None  # (call index, row) of the call in flight that samples its newest token
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)  # prompt + output, what the KV cache must hold
@@ -80,9 +86,20 @@ class Sequence:
 
     # ---- progress ----------------------------------------------------------------------------------------------
     @property
+    def planned_len(self) -> int:
+        """Tokens the sequence will hold once the calls in flight return (if none of them stops it)."""
+        return len(self.tokens) + self.inflight_tokens
+
+    @property
+    def planned_computed(self) -> int:
+        """Leading tokens whose K/V will be in the cache once the calls in flight return."""
+        return self.num_computed + self.inflight_computed
+
+    @property
     def num_pending(self) -> int:
-        """Tokens that must still go through the model before the next one can be sampled."""
-        return len(self.tokens) - self.num_computed
+        """Tokens that must still go through the model before the next one can be sampled (after the calls in
+        flight)."""
+        return self.planned_len - self.planned_computed
 
     @property
     def in_prefill(self) -> bool:
@@ -90,7 +107,13 @@ class Sequence:
 
     @property
     def remaining(self) -> int:
+        """New tokens the sequence may still accept (applied results only: what stop logic uses)."""
         return min(self.sampling.max_tokens - len(self.output_ids), self.max_length - len(self.tokens))
+
+    @property
+    def remaining_to_schedule(self) -> int:
+        """New tokens no call in flight will sample yet: what the next call may plan for."""
+        return self.remaining - self.inflight_tokens
 
     def sync_table_row(self) -> None:
         ids = self.blocks.block_ids

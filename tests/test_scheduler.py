@@ -1,6 +1,7 @@
 """Scheduling policy without a worker: bucket padding, chunked prefill, decode steps, preemption by recompute."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from scheduler_svc.block_manager import BlockManager
@@ -18,23 +19,16 @@ def seq(n_prompt: int, max_tokens: int = 8, rid: str = "r") -> Sequence:
                     detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset())
 
 
-def finish_step(batch, token: int = 5) -> None:
-    """What the engine does with a batch's result, minus the worker."""
-    for s, n in zip(batch.seqs, batch.chunk_lens):
-        if batch.is_prefill:
-            s.num_computed += n
-            if s.num_pending == 0:
-                s.append([token])
-                s.num_computed = len(s.tokens) - 1
-        else:
-            s.append([token] * batch.num_steps)
-            s.num_computed = len(s.tokens) - 1
+def finish_step(sched: Scheduler, batch, token: int = 5) -> None:
+    """What the engine does with a batch's result, minus the worker: every row sampled `token` at every step."""
+    sched.postprocess(batch, np.full((batch.rows, batch.num_steps), token, np.int32))
 
 
 @pytest.fixture
 def sched() -> Scheduler:
     return Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1, 2, 4],
-                     prefill_shapes=[(1, 8), (2, 8)], max_steps=4)
+                     prefill_shapes=[(1, 8), (2, 8)], max_steps=4, stream_steps=4,
+                     join_steps=4)
 
 
 def test_prefill_is_chunked_and_padded_to_a_bucket(sched):
@@ -44,10 +38,10 @@ def test_prefill_is_chunked_and_padded_to_a_bucket(sched):
     batch = sched.schedule()
     assert batch.is_prefill and (batch.rows, batch.tokens) == (2, 8)
     assert batch.seqs == [a, b] and batch.chunk_lens == [8, 3]
-    finish_step(batch)
+    finish_step(sched, batch)
     batch = sched.schedule()  # a's second chunk and c's whole prompt
     assert batch.seqs == [a, c] and batch.chunk_lens == [4, 5]
-    finish_step(batch)
+    finish_step(sched, batch)
     assert all(s.num_pending == 1 for s in (a, b, c))
     batch = sched.schedule()
     assert not batch.is_prefill and (batch.rows, batch.tokens) == (4, 1) and len(batch.seqs) == 3
@@ -57,7 +51,7 @@ def test_prefill_is_chunked_and_padded_to_a_bucket(sched):
 def test_decode_steps_follow_the_longest_remaining(sched):
     s = seq(3, max_tokens=3)
     sched.add(s)
-    finish_step(sched.schedule())
+    finish_step(sched, sched.schedule())
     batch = sched.schedule()
     assert batch.num_steps == 2 and batch.rows == 1
 
@@ -68,7 +62,7 @@ def test_preemption_frees_the_youngest_and_recomputes_it(sched):
     for s in seqs:
         sched.add(s)
     for _ in range(4):
-        finish_step(sched.schedule())
+        finish_step(sched, sched.schedule())
     assert all(s.status is Status.RUNNING and s.num_pending == 1 for s in seqs)
     batch = sched.schedule()  # decode needs blocks for 4 more positions each: 12 + 3 > 12
     assert not batch.is_prefill
@@ -82,9 +76,11 @@ def test_preemption_frees_the_youngest_and_recomputes_it(sched):
 def test_removal_returns_blocks(sched):
     s = seq(9)
     sched.add(s)
-    sched.schedule()
+    batch = sched.schedule()
     assert sched.blocks.num_free < sched.blocks.total_blocks
-    sched.remove(s)
+    sched.remove(s)  # aborted while its call is in flight: the worker may still write its blocks
+    assert sched.blocks.num_free < sched.blocks.total_blocks and not sched.has_work
+    sched.discard(batch)  # the call is over
     assert sched.blocks.num_free == sched.blocks.total_blocks and not sched.has_work
 
 
@@ -92,17 +88,18 @@ def test_cached_prefix_held_by_a_waiting_request_never_stalls_decode():
     """A waiting request's prefix-cache hits pin blocks; when the only running sequence needs them, they are
     taken back instead of the engine waiting for a wake-up that never comes."""
     blocks = BlockManager(num_blocks=9, block_size=4)  # 8 usable
-    sched = Scheduler(blocks, decode_batch_sizes=[1, 2, 4], prefill_shapes=[(1, 32)], max_steps=4)
+    sched = Scheduler(blocks, decode_batch_sizes=[1, 2, 4], prefill_shapes=[(1, 32)], max_steps=4, stream_steps=4,
+                      join_steps=4)
     cached = seq(17, rid="cached")
     sched.add(cached)
-    finish_step(sched.schedule())
+    finish_step(sched, sched.schedule())
     blocks.register_full_blocks(cached.blocks, cached.tokens, cached.num_computed)
     sched.remove(cached)  # its 4 full blocks stay cached in the free list
 
     runner = Sequence("runner", list(range(500, 515)), Sampling(max_tokens=20), max_length=256,
                       detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset())
     sched.add(runner)
-    finish_step(sched.schedule())  # 15 prompt tokens + 1 new: 4 blocks
+    finish_step(sched, sched.schedule())  # 15 prompt tokens + 1 new: 4 blocks
     waiting = seq(18, rid="waiting")  # shares the cached 16-token prefix
     sched.add(waiting)
     batch = sched.schedule()
@@ -115,7 +112,7 @@ def test_waiting_requests_holding_blocks_do_not_block_admission():
     sched = Scheduler(blocks, decode_batch_sizes=[1], prefill_shapes=[(1, 16)], max_steps=1)
     a = seq(9, rid="a")
     sched.add(a)
-    finish_step(sched.schedule())
+    finish_step(sched, sched.schedule())
     blocks.register_full_blocks(a.blocks, a.tokens, a.num_computed)
     sched.remove(a)
     b = seq(10, rid="b")  # shares a's two full blocks
@@ -136,12 +133,144 @@ def test_a_sequence_already_in_the_decode_batch_is_never_preempted():
     old, young = seq(7, max_tokens=20, rid="old"), seq(3, max_tokens=20, rid="young")
     for s in (old, young):
         sched.add(s)
-    finish_step(sched.schedule())  # 8 + 4 tokens: 2 + 1 blocks, one left
+    finish_step(sched, sched.schedule())  # 8 + 4 tokens: 2 + 1 blocks, one left
     batch = sched.schedule()
     assert batch.seqs == [old, young]
-    finish_step(batch)
+    finish_step(sched, batch)
     # old needs its third block (the last free one) at 9 tokens; young needs a second one at 5 and there is none
     batch = sched.schedule()
     assert batch.seqs == [old] and old.status is Status.RUNNING
     assert young.status is Status.WAITING and young.blocks.block_ids == [] and sched.num_preemptions == 1
     assert len(old.blocks.block_ids) * 4 >= len(old.tokens)
+
+
+# ---- pipelined calls ------------------------------------------------------------------------------------------------
+def result(batch, tokens: list[list[int]]) -> np.ndarray:
+    """A worker result for the batch: tokens[i] for row i, padding rows 0."""
+    out = np.zeros((batch.rows, batch.num_steps), np.int32)
+    out[:len(tokens)] = tokens
+    return out
+
+
+def test_the_next_call_is_planned_from_the_state_after_the_call_in_flight():
+    """Call 2 is planned while call 1 (a prefill) runs: it continues from the position call 1 leaves, counts the
+    token call 1 samples, and takes that token from call 1's row on the worker. Applying the results in order
+    gives the sequence the tokens in order."""
+    sched = Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1, 2],
+                      prefill_shapes=[(1, 8)], max_steps=4, stream_steps=2, join_steps=2)
+    s = seq(6, max_tokens=10)
+    sched.add(s)
+    first = sched.schedule()
+    second = sched.schedule()  # while the first is in flight
+    assert sched.schedule() is None  # two calls in flight at most
+    assert first.is_prefill and (first.call_index, first.previous_call) == (1, 0) and first.prev_rows == [-1]
+    assert not second.is_prefill and second.num_steps == 2 and second.previous_call == 1
+    assert second.prev_rows == [0] and second.positions == [6] and second.counters == [1]
+    assert s.planned_len == 6 + 1 + 2 and s.tokens == s.prompt_ids  # nothing applied yet
+    sched.postprocess(first, result(first, [[50]]))
+    third = sched.schedule()  # planned after the second, which is still in flight
+    assert third.previous_call == 2 and third.prev_rows == [0] and third.positions == [8] and third.counters == [3]
+    sched.postprocess(second, result(second, [[51, 52]]))
+    sched.postprocess(third, result(third, [[53, 54]]))
+    assert s.output_ids == [50, 51, 52, 53, 54] and s.num_computed == len(s.tokens) - 1
+    assert (s.inflight_tokens, s.inflight_computed, s.inflight_calls, s.feed) == (0, 0, 0, None)
+    fourth = sched.schedule()  # nothing in flight: real token ids
+    assert fourth.previous_call == 0 and fourth.prev_rows == [-1] and fourth.inputs == [[54]]
+
+
+def test_a_sequence_that_stops_keeps_its_blocks_until_its_last_call_returns():
+    sched = Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1, 2],
+                      prefill_shapes=[(1, 8)], max_steps=4, stream_steps=2, join_steps=2)
+    s = Sequence("stop", list(range(10, 16)), Sampling(max_tokens=20, stop_token_ids=frozenset({99})),
+                 max_length=256, detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset())
+    sched.add(s)
+    first, second = sched.schedule(), sched.schedule()
+    sched.postprocess(first, result(first, [[99]]))  # the first token stops it; the second call still runs
+    assert s.finish and s.output_ids == [99] and not sched.has_work
+    assert sched.blocks.num_free < sched.blocks.total_blocks  # the worker may still write them
+    assert sched.schedule() is None
+    assert sched.postprocess(second, result(second, [[7, 8]])) == []  # discarded
+    assert s.output_ids == [99] and sched.blocks.num_free == sched.blocks.total_blocks
+
+
+def test_the_prefix_cache_learns_only_of_calls_that_returned():
+    sched = Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1, 2, 4],
+                      prefill_shapes=[(1, 16)], max_steps=4)
+    a = seq(9, rid="a")  # two full blocks
+    sched.add(a)
+    first = sched.schedule()
+    b = seq(9, rid="b")  # the same prompt, while a's prefill is in flight
+    sched.add(b)
+    second = sched.schedule()
+    assert second.seqs == [b] and b.blocks.num_cached_tokens == 0  # a's blocks are not written yet
+    sched.postprocess(first, result(first, [[5]]))
+    c = seq(9, rid="c")
+    sched.add(c)
+    sched.postprocess(second, result(second, [[5]]))
+    third = sched.schedule()
+    assert c in third.seqs and c.blocks.num_cached_tokens == 8
+
+
+def test_a_refused_call_is_taken_out_of_the_plan():
+    """Discarding the calls in flight (the worker refused them) leaves the sequence as if they were never planned:
+    the next call sends real token ids and names no previous call."""
+    sched = Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1, 2],
+                      prefill_shapes=[(1, 8)], max_steps=4)
+    s = seq(6)
+    sched.add(s)
+    first = sched.schedule()
+    sched.postprocess(first, result(first, [[50]]))
+    second, third = sched.schedule(), sched.schedule()
+    assert third.prev_rows == [0] and third.previous_call == second.call_index
+    sched.discard(second)
+    sched.discard(third)
+    assert (s.inflight_tokens, s.inflight_computed, s.inflight_calls, s.feed) == (0, 0, 0, None)
+    assert s.num_pending == 1 and s.planned_len == 7
+    again = sched.schedule()
+    assert again.previous_call == 0 and again.prev_rows == [-1] and again.inputs == [[50]]
+    assert again.positions == [6] and again.counters == [1]
+
+
+def test_preemption_never_takes_a_sequence_a_call_in_flight_uses():
+    """Blocks run out while both sequences' call is in flight: the next call leaves the one that needs a block out
+    instead of preempting either (the worker is writing their blocks); once that call has returned, the youngest
+    is preempted as before."""
+    blocks = BlockManager(num_blocks=5, block_size=4)  # 4 usable
+    sched = Scheduler(blocks, decode_batch_sizes=[1, 2], prefill_shapes=[(2, 8)], max_steps=1)
+    old, young = seq(7, max_tokens=20, rid="old"), seq(3, max_tokens=20, rid="young")
+    for s in (old, young):
+        sched.add(s)
+    finish_step(sched, sched.schedule())  # 8 + 4 tokens: 2 + 1 blocks, one left
+    both = sched.schedule()
+    assert both.seqs == [old, young]
+    # planned after `both`: old needs its third block at 9 tokens (the last free one), young a second at 5
+    nxt = sched.schedule()
+    assert nxt.seqs == [old] and sched.num_preemptions == 0 and young.status is Status.RUNNING
+    finish_step(sched, both)
+    finish_step(sched, nxt)
+    after = sched.schedule()  # young's call has returned: now it is preempted
+    assert young.status is Status.WAITING and sched.num_preemptions == 1 and after.seqs == [old]
+
+
+def test_decode_calls_are_short_while_requests_arrive():
+    """One-step calls right after an arrival (the next arrivals of a burst join within about two steps), then
+    STREAM_STEPS-step calls; the worker's --max-steps stays the upper bound."""
+    sched = Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1, 2], prefill_shapes=[(1, 8)],
+                      max_steps=16)
+    sched.add(seq(3, max_tokens=100, rid="a"))
+
+    def steps(sched: Scheduler, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            batch = sched.schedule()
+            out.append(0 if batch.is_prefill else batch.num_steps)
+            finish_step(sched, batch)
+        return out
+
+    assert steps(sched, 8) == [0, 1, 1, 1, 2, 2, 2, 2]
+    sched.add(seq(3, max_tokens=100, rid="b"))
+    assert steps(sched, 6) == [0, 1, 1, 1, 2, 2]
+    capped = Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1], prefill_shapes=[(1, 8)],
+                       max_steps=1, stream_steps=4)
+    capped.add(seq(3, max_tokens=100))
+    assert steps(capped, 7) == [0, 1, 1, 1, 1, 1, 1]
