@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import threading
 
@@ -47,9 +49,12 @@ def main() -> None:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     server.stop(grace=2).wait()  # the call in progress finishes; new ones are refused
-    from worker_svc.compat import shutdown_compile_workers
-
-    shutdown_compile_workers()
+    # Exit now, skipping interpreter teardown: after a SIGTERM to the whole process group (systemd, `kill -- -PGID`)
+    # had killed tinygrad's compile workers, the pool respawned them while the main thread waited on a lock in
+    # multiprocessing's exit handlers, and the worker lived on for minutes. Compile workers left behind exit when
+    # their task pipe closes.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

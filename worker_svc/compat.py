@@ -64,17 +64,12 @@ def init_compile_worker() -> None:
     """Initializer of tinygrad's compile/BEAM worker processes: tinygrad's own, after our fixes. The workers are
     spawned, so they start without the patches of the parent; they compile kernels (and search BEAM candidates)
     whose estimates they pickle back, which is where an unsimplified estimate overflowed the recursion limit.
-    They also optimise kernels, so they load the parent's tuning table (worker_svc.tuning). They ignore SIGTERM as
-    tinygrad makes them ignore SIGINT: a SIGTERM to the whole process group (systemd, `kill -- -PGID`) killed them
-    while the pool respawned them, and the worker hung at exit; the parent ends them (`shutdown_compile_workers`)."""
-    import signal
-
+    They also optimise kernels, so they load the parent's tuning table (worker_svc.tuning)."""
     from worker_svc import tuning
 
     simplify_symbolic_estimates()
     tuning.install_from_environment()
     _original_init_worker()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _original_init_worker() -> None:
@@ -95,13 +90,6 @@ def patch_compile_workers() -> None:
     worker._init_worker = init_compile_worker
     worker.terminate_worker_pool()  # a pool started before this patch would keep the unpatched processes
     _applied.add("compile_workers")
-
-
-def shutdown_compile_workers() -> None:
-    """Ends tinygrad's compile pool at once (its atexit handler only closes it and can wait on its processes)."""
-    from tinygrad.engine import worker
-
-    worker.terminate_worker_pool()
 
 
 def apply_for(device: str) -> None:
