@@ -7,11 +7,12 @@ import signal
 
 from scheduler_svc.engine import Engine
 from scheduler_svc.server import Limits, drain, serve
+from shared.auth import resolve_secret
 from shared.service import setup_logging
 
 
 async def run(args: argparse.Namespace) -> None:
-    engine = Engine(args.worker)
+    engine = Engine(args.worker, secret=resolve_secret(args.worker_secret))
     await engine.start(connect_timeout_s=args.connect_timeout)
     limits = Limits(max_request_mb=args.max_request_mb, max_waiting=args.max_waiting, max_streams=args.max_streams)
     server, _, servicer = await serve(engine, args.host, args.port, limits)
@@ -39,6 +40,8 @@ def main() -> None:
                     help="open Generate streams; beyond: RESOURCE_EXHAUSTED at once")
     ap.add_argument("--shutdown-grace", type=float, default=5.0,
                     help="seconds streams get to finish on SIGTERM before they end with FINISH_REASON_ABORT")
+    ap.add_argument("--worker-secret", default=None,
+                    help="the worker's secret; default: $TINYVLLM_WORKER_SECRET, else ~/.cache/tinyvllm/worker-secret")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     setup_logging(args.log_level)

@@ -24,6 +24,7 @@ from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.scheduler import PIPELINE_DEPTH, STREAM_STEPS, ScheduledBatch, Scheduler
 from scheduler_svc.sequence import Sampling, Sequence
 from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
+from shared.auth import call_metadata
 from shared.service import GRPC_OPTIONS
 from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
 
@@ -65,8 +66,9 @@ class _Call:
 
 class Engine:
     def __init__(self, worker_address: str, execute_timeout_s: float = 600.0,
-                 pipeline_depth: int = PIPELINE_DEPTH, stream_steps: int = STREAM_STEPS):
+                 pipeline_depth: int = PIPELINE_DEPTH, stream_steps: int = STREAM_STEPS, secret: str = ""):
         self.worker_address = worker_address
+        self.metadata = call_metadata(secret)  # the worker serves only callers with its secret (shared/auth.py)
         self.execute_timeout_s = execute_timeout_s
         self.pipeline_depth = pipeline_depth  # 1: no pipelining (each call waits for the previous result)
         self.stream_steps = stream_steps
@@ -111,7 +113,7 @@ class Engine:
         attempts = 0
         while True:
             try:
-                return await self.stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), wait_for_ready=True,
+                return await self.stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), wait_for_ready=True, metadata=self.metadata,
                                                      timeout=max(1.0, min(30.0, deadline - time.monotonic())))
             except grpc.aio.AioRpcError as exc:
                 if time.monotonic() > deadline:
@@ -209,7 +211,7 @@ class Engine:
                 self._busy_since = time.perf_counter()
             request = self._encode(batch)
             self._calls.append(_Call(batch, asyncio.ensure_future(
-                self.stub.Execute(request, timeout=self.execute_timeout_s))))
+                self.stub.Execute(request, timeout=self.execute_timeout_s, metadata=self.metadata))))
 
     async def _settle(self, call: _Call) -> None:
         """The oldest call returned: apply its tokens, send the next call, then stream; or handle its failure."""

@@ -141,7 +141,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         e = self.engine
         running, waiting = e.counts()
         return scheduler_pb2.ServerInfo(
-            model_path=e.info.model_name, model_name=e.info.model_name,  # no absolute paths to clients vocab_size=e.info.vocab_size,
+            # no absolute filesystem paths to clients: the model directory's name only
+            model_path=e.info.model_name, model_name=e.info.model_name, vocab_size=e.info.vocab_size,
             max_context=e.info.max_context, block_size=e.info.block_size, total_kv_blocks=e.blocks.total_blocks,
             free_kv_blocks=e.blocks.num_free, running_requests=running, waiting_requests=waiting,
             device=e.info.device, decode_batch_sizes=list(e.info.decode_batch_sizes),

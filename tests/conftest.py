@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+import tempfile
 
 import grpc
 import pytest
@@ -14,6 +15,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEV", "CPU")
+# the worker secret of the services the tests start (shared/auth.py): a file of this run, not ~/.cache's
+os.environ.setdefault("TINYVLLM_WORKER_SECRET_FILE", os.path.join(tempfile.mkdtemp(prefix="tinyvllm-"), "secret"))
 from worker_svc.compat import configure_environment  # noqa: E402  (before tinygrad is imported)
 
 configure_environment()

@@ -11,6 +11,7 @@ import sentencepiece as spm
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from shared.auth import worker_channel
 from tinyvllm.v1 import scheduler_pb2 as pb
 
 PROMPTS = [
@@ -240,7 +241,7 @@ def test_cancelled_request_frees_its_blocks_and_others_finish(stub):
 def test_request_to_the_worker_with_a_wrong_shape_is_refused(services):
     from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
 
-    with grpc.insecure_channel(services["worker"].address) as channel:
+    with worker_channel(services["worker"].address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         info = stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest())
         me = info.instance_id
@@ -267,3 +268,20 @@ def test_prefix_sharing_reuses_blocks_and_keeps_outputs(stub, tokenizer):
     assert other.cached_prompt_tokens == 0
     info = wait_idle(stub)
     assert info.free_kv_blocks == info.total_kv_blocks
+
+
+def test_the_worker_serves_only_callers_with_its_secret(services):
+    """Any local process could otherwise overwrite other clients' KV blocks through Execute."""
+    from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
+
+    for channel in (grpc.insecure_channel(services["worker"].address),
+                    worker_channel(services["worker"].address, secret="not-the-secret")):
+        with channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            for call, request in ((stub.GetWorkerInfo, worker_pb2.GetWorkerInfoRequest()),
+                                  (stub.Execute, worker_pb2.ExecuteRequest(rows=1, tokens=1, num_steps=1))):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no secret

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from shared.auth import worker_channel
 from shared.processes import start_scheduler, start_worker
 from tests.test_integration import PROMPTS, generate, wait_idle
 from tinyvllm.v1 import scheduler_pb2 as pb
@@ -63,7 +64,7 @@ def test_worker_runs_numbered_calls_in_order_and_feeds_tokens_forward(long_calls
     """Calls that continue a row of the previous call (its last token never leaves the device) sample what one
     multi-step call samples; a call that arrives before the call it follows waits for it; a call naming a call the
     worker did not run last is refused with ABORTED and runs nothing."""
-    with grpc.insecure_channel(long_calls["worker"].address) as channel:
+    with worker_channel(long_calls["worker"].address) as channel:
         worker = worker_pb2_grpc.WorkerStub(channel)
         info = worker.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest())
         reference = tokens_of(worker.Execute(decode_call(info, token=7, position=0, steps=8)))
@@ -102,7 +103,7 @@ def test_a_refused_call_is_resent_with_token_ids(long_calls, stub):
     log = long_calls["scheduler"].log_path
     refusals_before = log.read_text().count("worker refused call")
     stream = Stream(stub, PROMPTS[2], **kw)
-    with grpc.insecure_channel(long_calls["worker"].address) as channel:
+    with worker_channel(long_calls["worker"].address) as channel:
         worker = worker_pb2_grpc.WorkerStub(channel)
         info = worker.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest())
         while stream.received < 10:

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 
+from shared.auth import resolve_secret
 from shared.service import setup_logging
 from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES, parse_int_list, parse_shapes
 
@@ -29,6 +30,9 @@ def main() -> None:
     ap.add_argument("--tuning", default=None,
                     help="kernel tuning table (JSON, see `make tune`); default: tuning/<DEV>.json if it exists; "
                          "'none' to use tinygrad's heuristics alone")
+    ap.add_argument("--worker-secret", default=None,
+                    help="the secret the scheduler must present; default: $TINYVLLM_WORKER_SECRET, else the file "
+                         "~/.cache/tinyvllm/worker-secret (created, mode 0600, on first start; see shared/auth.py)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     setup_logging(args.log_level)
@@ -43,7 +47,7 @@ def main() -> None:
         model=args.model, block_size=args.block_size, max_context=args.max_context, kv_blocks=args.kv_blocks,
         kv_cache_gb=args.kv_cache_gb, decode_batch_sizes=args.decode_batch_sizes, prefill_shapes=args.prefill_shapes,
         max_steps=args.max_steps, dtype=args.dtype, warm_up=not args.no_warm_up, tuning=args.tuning))
-    server = serve(engine, args.host, args.port)
+    server = serve(engine, args.host, args.port, resolve_secret(args.worker_secret))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -12,6 +12,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 
+from shared.auth import RequireSecret
 from shared.service import SERVER_OPTIONS, add_health_and_reflection
 from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
 from worker_svc.engine import WorkerEngine
@@ -182,8 +183,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                           device_seconds=elapsed)
 
 
-def serve(engine: WorkerEngine, host: str, port: int) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+def serve(engine: WorkerEngine, host: str, port: int, secret: str) -> grpc.Server:
+    """Serves only callers that present `secret` (shared/auth.py); health and reflection stay open."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
+                         interceptors=[RequireSecret(secret)])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
     add_health_and_reflection(server, [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name], aio=False)
     bound = server.add_insecure_port(f"{host}:{port}")
