@@ -6,7 +6,7 @@ import pathlib
 import signal
 import threading
 
-from shared.processes import start_scheduler, start_worker
+from shared.processes import start_services
 
 
 def main() -> None:
@@ -17,12 +17,8 @@ def main() -> None:
     ap.add_argument("--worker-args", default="", help="extra worker flags, as one string")
     args = ap.parse_args()
 
-    worker = start_worker(pathlib.Path(args.model), None, args.worker_args.split(), port=args.worker_port)
-    try:
-        scheduler = start_scheduler(worker.address, None, port=args.port)
-    except BaseException:
-        worker.stop()
-        raise
+    worker, scheduler = start_services(pathlib.Path(args.model), None, args.worker_args.split(),
+                                       worker_port=args.worker_port, port=args.port)
     print(f"\ntinyvllm is serving on {scheduler.address}; try:\n"
           f"  python3 -m scheduler_svc.client --server {scheduler.address} \"Once upon a time\"\n", flush=True)
     stop = threading.Event()

@@ -89,6 +89,17 @@ def start_worker(model_dir: pathlib.Path, log_dir: pathlib.Path | None, extra: l
     return Service.start("worker", "worker_svc", ["--model", str(model_dir), *extra], log_dir, port=port)
 
 
+def start_services(model_dir: pathlib.Path, log_dir: pathlib.Path | None, worker_flags: list[str],
+                   worker_port: int | None = None, port: int | None = None) -> tuple[Service, Service]:
+    """A worker and the scheduler in front of it; the worker is stopped again if the scheduler fails to start."""
+    worker = start_worker(model_dir, log_dir, worker_flags, port=worker_port)
+    try:
+        return worker, start_scheduler(worker.address, log_dir, port=port)
+    except BaseException:
+        worker.stop()
+        raise
+
+
 def start_scheduler(worker: str, log_dir: pathlib.Path | None, port: int | None = None,
                     extra: list[str] = ()) -> Service:
     return Service.start("scheduler", "scheduler_svc", ["--worker", worker, *extra], log_dir, port=port)

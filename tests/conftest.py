@@ -22,7 +22,7 @@ from worker_svc.compat import configure_environment  # noqa: E402  (before tinyg
 configure_environment()
 
 from shared.demo_checkpoint import build_checkpoint  # noqa: E402
-from shared.processes import start_scheduler, start_worker  # noqa: E402
+from shared.processes import start_services  # noqa: E402
 
 # small buckets keep CPU compile time down; few KV blocks make 16 concurrent requests preempt each other
 WORKER_FLAGS = ["--decode-batch-sizes", "1,2,4,8,16", "--prefill-shapes", "1x16,4x16,1x64", "--max-steps", "4",
@@ -38,12 +38,7 @@ def demo_checkpoint(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def services(demo_checkpoint, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("logs")
-    worker = start_worker(demo_checkpoint, log_dir, WORKER_FLAGS)
-    try:
-        scheduler = start_scheduler(worker.address, log_dir)
-    except Exception:
-        worker.stop()
-        raise
+    worker, scheduler = start_services(demo_checkpoint, log_dir, WORKER_FLAGS)
     yield {"worker": worker, "scheduler": scheduler, "log_dir": log_dir}
     scheduler.stop()
     worker.stop()

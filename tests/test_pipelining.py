@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from shared.auth import worker_channel
-from shared.processes import start_scheduler, start_worker
+from shared.processes import start_services
 from tests.test_integration import PROMPTS, generate, wait_idle
 from tinyvllm.v1 import scheduler_pb2 as pb
 from tinyvllm.v1 import scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -24,13 +24,7 @@ LONG_CALLS = ["--decode-batch-sizes", "1,2,4", "--prefill-shapes", "1x16", "--ma
 
 @pytest.fixture(scope="module")
 def long_calls(demo_checkpoint, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("long-calls")
-    worker = start_worker(demo_checkpoint, log_dir, LONG_CALLS)
-    try:
-        scheduler = start_scheduler(worker.address, log_dir)
-    except Exception:
-        worker.stop()
-        raise
+    worker, scheduler = start_services(demo_checkpoint, tmp_path_factory.mktemp("long-calls"), LONG_CALLS)
     yield {"worker": worker, "scheduler": scheduler}
     scheduler.stop()
     worker.stop()

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from shared.processes import free_port, start_scheduler, start_worker
+from shared.processes import free_port, start_scheduler, start_services, start_worker
 from tests.test_integration import agenerate, collect, generate, wait_idle
 from tinyvllm.v1 import scheduler_pb2 as pb
 from tinyvllm.v1 import scheduler_pb2_grpc
@@ -25,9 +25,8 @@ def small(demo_checkpoint, tmp_path_factory):
     """A worker and scheduler pair; tests that kill the worker put a new one in services["worker"]."""
     log_dir = tmp_path_factory.mktemp("small-pool")
     port = free_port()
-    services = {"worker": start_worker(demo_checkpoint, log_dir, SMALL, port=port), "port": port,
-                "log_dir": log_dir}
-    services["scheduler"] = start_scheduler(services["worker"].address, log_dir)
+    worker, scheduler = start_services(demo_checkpoint, log_dir, SMALL, worker_port=port)
+    services = {"worker": worker, "scheduler": scheduler, "port": port, "log_dir": log_dir}
     yield services
     services["scheduler"].stop()
     services["worker"].stop()
