@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import pytest
 import sentencepiece as spm
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -251,6 +252,14 @@ def test_request_to_the_worker_with_a_wrong_shape_is_refused(services):
         with pytest.raises(grpc.RpcError) as err:  # right bucket, arrays of the wrong size
             stub.Execute(worker_pb2.ExecuteRequest(rows=1, tokens=1, num_steps=1, token_ids=b"\0" * 8, instance_id=me))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        bad_temperature = worker_pb2.ExecuteRequest(
+            rows=1, tokens=1, num_steps=1, instance_id=me, token_ids=b"\0" * 4, positions=b"\0" * 4,
+            chunk_lens=np.array([1], np.int32).tobytes(), block_tables=b"\0" * 4 * info.block_table_width,
+            temperature=np.array([np.nan], np.float32).tobytes(), top_p=np.array([1], np.float32).tobytes(),
+            top_k=b"\0" * 4, seeds=b"\0" * 4, counters=b"\0" * 4)
+        with pytest.raises(grpc.RpcError) as err:  # every value is checked, sampling values too
+            stub.Execute(bad_temperature)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:  # a caller that does not know this worker instance
             stub.Execute(worker_pb2.ExecuteRequest(rows=1, tokens=1, num_steps=1, instance_id="another"))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -168,6 +168,13 @@ class ModelRunner:
         vocab = self.model.config.vocab_size
         if (batch.token_ids < 0).any() or (batch.token_ids >= vocab).any():
             raise BatchError(f"token ids must be in [0, {vocab})")
+        # sampling values the graph would turn into NaN or a wrong filter instead of an error
+        if not (np.isfinite(batch.temperature) & (batch.temperature >= 0)).all():
+            raise BatchError("temperature must be finite and >= 0")
+        if not ((batch.top_p > 0) & (batch.top_p <= 1)).all():
+            raise BatchError("top_p must be in (0, 1]")
+        if (batch.top_k < 0).any():
+            raise BatchError("top_k must be >= 0 (0: off)")
         if batch.prev_rows is not None:
             if batch.prev_rows.shape != (B,):
                 raise BatchError(f"prev_rows must have one entry per row ({B}), got shape {batch.prev_rows.shape}")
