@@ -125,15 +125,22 @@ def test_waiting_requests_holding_blocks_do_not_block_admission():
     assert batch is not None and batch.seqs == [c]
 
 
-def test_a_sequence_already_in_the_decode_batch_is_never_preempted():
-    """The oldest sequence gets its blocks first; when the next one finds none left, it is preempted itself
-    instead of taking the blocks of one already placed in the batch (which would then run with none)."""
+def one_block_left() -> tuple[Scheduler, Sequence, Sequence]:
+    """Two prefilled sequences in a 4-block pool: old (8 tokens, 2 blocks) and young (4 tokens, 1 block), one block
+    free; old needs it at 9 tokens, young a second block at 5."""
     blocks = BlockManager(num_blocks=5, block_size=4)  # 4 usable
     sched = Scheduler(blocks, decode_batch_sizes=[1, 2], prefill_shapes=[(2, 8)], max_steps=1)
     old, young = seq(7, max_tokens=20, rid="old"), seq(3, max_tokens=20, rid="young")
     for s in (old, young):
         sched.add(s)
-    finish_step(sched, sched.schedule())  # 8 + 4 tokens: 2 + 1 blocks, one left
+    finish_step(sched, sched.schedule())
+    return sched, old, young
+
+
+def test_a_sequence_already_in_the_decode_batch_is_never_preempted():
+    """The oldest sequence gets its blocks first; when the next one finds none left, it is preempted itself
+    instead of taking the blocks of one already placed in the batch (which would then run with none)."""
+    sched, old, young = one_block_left()
     batch = sched.schedule()
     assert batch.seqs == [old, young]
     finish_step(sched, batch)
@@ -235,12 +242,7 @@ def test_preemption_never_takes_a_sequence_a_call_in_flight_uses():
     """Blocks run out while both sequences' call is in flight: the next call leaves the one that needs a block out
     instead of preempting either (the worker is writing their blocks); once that call has returned, the youngest
     is preempted as before."""
-    blocks = BlockManager(num_blocks=5, block_size=4)  # 4 usable
-    sched = Scheduler(blocks, decode_batch_sizes=[1, 2], prefill_shapes=[(2, 8)], max_steps=1)
-    old, young = seq(7, max_tokens=20, rid="old"), seq(3, max_tokens=20, rid="young")
-    for s in (old, young):
-        sched.add(s)
-    finish_step(sched, sched.schedule())  # 8 + 4 tokens: 2 + 1 blocks, one left
+    sched, old, young = one_block_left()
     both = sched.schedule()
     assert both.seqs == [old, young]
     # planned after `both`: old needs its third block at 9 tokens (the last free one), young a second at 5
