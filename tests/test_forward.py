@@ -8,24 +8,30 @@ from tinygrad import Tensor, UOp
 from shared.demo_checkpoint import build_checkpoint
 from tests.models import build_model
 from tests.reference import NumpyLlama
-from worker_svc.model import LlamaModel
+from worker_svc.model import LlamaModel, project, split_k_for_tensor_cores
 
 BLOCK = 16
 MAX_CONTEXT = 128
 WIDTH = MAX_CONTEXT // BLOCK
 
 
-@pytest.fixture(scope="module", params=["fp32", "fp16-tied-sharded"])
+@pytest.fixture(scope="module", params=["fp32", "fp16-tied-sharded", "fp32-split-k"])
 def checkpoint(request, demo_checkpoint, tmp_path_factory):
+    """(checkpoint, tolerance, split-K ways forced on every projection: the tensor-core path, run on the CPU)."""
     if request.param == "fp32":
-        return demo_checkpoint, 1e-4
+        return demo_checkpoint, 1e-4, None
+    if request.param == "fp32-split-k":
+        return demo_checkpoint, 1e-4, 4
     path = build_checkpoint(tmp_path_factory.mktemp("demo-fp16"), dtype="float16", seed=1, tie_word_embeddings=True,
                             shards=2)
-    return path, 3e-2
+    return path, 3e-2, None
 
 
-def make_model(path) -> LlamaModel:
-    return build_model(path, num_blocks=32, max_context=MAX_CONTEXT, block_size=BLOCK)
+def make_model(path, split: int | None = None) -> LlamaModel:
+    model = build_model(path, num_blocks=32, max_context=MAX_CONTEXT, block_size=BLOCK)
+    if split is not None:
+        model.split_k = lambda rows, K, N: split
+    return model
 
 
 def run(model: LlamaModel, rows: list[tuple[list[int], int, list[int]]], T: int) -> np.ndarray:
@@ -53,8 +59,8 @@ def close(got: np.ndarray, want: np.ndarray, rtol: float) -> None:
 
 
 def test_prefill_and_decode_through_shuffled_paged_cache(checkpoint):
-    path, rtol = checkpoint
-    model, ref = make_model(path), NumpyLlama(path)
+    path, rtol, split = checkpoint
+    model, ref = make_model(path, split), NumpyLlama(path)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     seqs = [[int(x) for x in rng.integers(3, vocab, size=n)] for n in (11, 16, 20)]
@@ -76,3 +82,18 @@ def test_prefill_and_decode_through_shuffled_paged_cache(checkpoint):
         got = run(model, rows, T=1)
         for i in range(3):
             close(got[i], refs[i][len(seqs[i]) + step], rtol)
+
+
+@pytest.mark.parametrize("rows, K, N, split", [(1, 2048, 2048, 1), (16, 5632, 2048, 8), (64, 2048, 11264, 2),
+                                               (256, 2048, 2048, 4), (2048, 5632, 2048, 1), (64, 24, 64, 1)])
+def test_split_k_choice(rows, K, N, split):
+    """The split-K rule: more ways for fewer rows, none for matrix-vector work or a K it does not divide."""
+    assert split_k_for_tensor_cores(rows, K, N) == split
+
+
+def test_split_k_product_matches_numpy():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 64)).astype(np.float32), rng.standard_normal((40, 64)).astype(np.float32)
+    for split in (1, 2, 4):
+        got = project(Tensor(x), Tensor(w), split).numpy()
+        np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-4)

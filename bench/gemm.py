@@ -1,0 +1,121 @@
+"""`python -m bench.gemm`: which formulation of a projection (x @ W.T, fp16 in, fp32 accumulate) is fastest here.
+
+The decode and prefill steps are dominated by four weight products per layer. tinygrad's tensor-core kernels keep
+the whole reduction (K) in one thread's loop and do not split it across threads ("no grouping with tensor
+cores"), so with few rows a product runs on a handful of workgroups that each wait on global loads. This script
+times, per (rows, K, N): tinygrad's default kernel, the same without tensor cores, and split-K forms (S partial
+products over K/S each, then a sum over S) that give the GPU S times more workgroups; optionally a BEAM search.
+Each measurement replays one captured graph of `--mats` dependent products on distinct weights and reports
+microseconds per product and GB/s of weights read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+SHAPES = {"qkv": (2048, 2560), "o": (2048, 2048), "gate_up": (2048, 11264), "down": (5632, 2048)}  # (K, N)
+
+
+def product(x, w, split: int):
+    """x (M, K) @ w.T (N, K) in fp16 with fp32 accumulation; split > 1 sums S partial products over K/S; split 0
+    computes the transposed product (w @ x.T).T."""
+    from tinygrad import dtypes
+
+    if split == 0:  # transposed: the weight rows are the tensor core's M side, the few input rows its N side
+        return (w @ x.T).T
+    if split == 1:
+        return x @ w.T
+    M, K = x.shape
+    N = w.shape[0]
+    partial = (x.reshape(M, 1, split, K // split) * w.reshape(1, N, split, K // split)).sum(-1, dtype=dtypes.float)
+    return partial.contiguous().sum(-1).cast(x.dtype)
+
+
+def time_variant(M: int, K: int, N: int, split: int, mats: int, reps: int, context: dict) -> float:
+    """Microseconds per product: one captured graph of `mats` products on distinct weights (more bytes than the L2
+    cache holds, as in a real step), replayed `reps` times. Each product's input depends on the previous product's
+    output through one small elementwise kernel (included in the figure, as a norm or activation sits between a
+    step's products), so the products run one after another, as in a step: independent kernels of a graph would
+    overlap and hide a kernel's low occupancy. Timing a lone kernel instead leaves the GPU at low clocks."""
+    from tinygrad import Device, Tensor, TinyJit, dtypes
+    from tinygrad.helpers import Context
+
+    ws = [Tensor.randn(N, K, dtype=dtypes.half).realize() for _ in range(mats)]
+    x = Tensor.randn(M, K, dtype=dtypes.half).realize()
+
+    @TinyJit
+    def step(x: Tensor) -> Tensor:
+        out = None
+        for w in ws:
+            inp = x if out is None else (x.float() + out[:, :1].float() * 1e-30).cast(x.dtype).contiguous()
+            out = product(inp, w, split).realize()
+        return out
+
+    with Context(**context):
+        for _ in range(3):
+            step(x)
+    Device[Device.DEFAULT].synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step(x)
+    Device[Device.DEFAULT].synchronize()
+    return (time.perf_counter() - t0) / reps / mats * 1e6
+
+
+def check(M: int, K: int, N: int, split: int) -> float:
+    """Largest relative error of a variant against numpy on small random inputs."""
+    import numpy as np
+    from tinygrad import Tensor, dtypes
+
+    rng = np.random.default_rng(0)
+    xn, wn = rng.standard_normal((M, K)).astype(np.float16), rng.standard_normal((N, K)).astype(np.float16)
+    got = product(Tensor(xn), Tensor(wn), split).cast(dtypes.float).numpy()
+    want = xn.astype(np.float32) @ wn.astype(np.float32).T
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", default="16,64,256,2048")
+    ap.add_argument("--shapes", default="down,gate_up,qkv,o")
+    ap.add_argument("--splits", default="0,1,2,4,8,16", help="0: the transposed product")
+    ap.add_argument("--notc", action="store_true", help="also time each split without tensor cores")
+    ap.add_argument("--beam", type=int, default=0, help="also time the best split with BEAM=N")
+    ap.add_argument("--mats", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    from worker_svc.compat import configure_environment
+
+    configure_environment(beam=0)
+    results = []
+    for name in args.shapes.split(","):
+        K, N = SHAPES[name]
+        for M in map(int, args.rows.split(",")):
+            row = dict(shape=name, M=M, K=K, N=N)
+            for split in map(int, args.splits.split(",")):
+                variants = [("tc", dict())] + ([("notc", dict(TC=0))] if args.notc else [])
+                for label, ctx in variants:
+                    us = time_variant(M, K, N, split, args.mats, args.reps, ctx)
+                    row[f"{label}_s{split}"] = us
+            best = min((v, k) for k, v in row.items() if k.startswith(("tc_", "notc_")))
+            if args.beam:
+                split = int(best[1].split("_s")[1])
+                row[f"beam{args.beam}_s{split}"] = time_variant(M, K, N, split, args.mats, args.reps,
+                                                               dict(BEAM=args.beam))
+                best = min((v, k) for k, v in row.items() if k.startswith(("tc_", "notc_", "beam")))
+            row["best"], row["best_us"] = best[1], best[0]
+            row["best_gbs"] = N * K * 2 / (best[0] * 1e-6) / 1e9
+            row["best_tflops"] = 2 * M * N * K / (best[0] * 1e-6) / 1e12
+            results.append(row)
+            cells = "  ".join(f"{k}={v:.1f}" for k, v in row.items() if k.startswith(("tc_", "notc_", "beam")))
+            print(f"{name:>8} M={M:<5} {cells}  -> {row['best']} {row['best_us']:.1f} us, "
+                  f"{row['best_gbs']:.0f} GB/s, {row['best_tflops']:.1f} TFLOP/s", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
