@@ -40,7 +40,7 @@ def split_k_for_tensor_cores(rows: int, K: int, N: int) -> int:
     """How many ways to split a (rows x K) @ (K x N) product: the largest power of two up to 8 that keeps
     rows * N * split at or under 2M output partials, with K / split a multiple of the tensor cores' K (16).
     Fitted to `python -m bench.gemm` on an H200 (TinyLlama's four projections at 16-2048 rows): it picks the
-    measured best, or one within 20% of it, at every point; 2,048 rows stay whole."""
+    measured best, or one within 25% of it, at every point; 2,048 rows stay whole."""
     if rows < 16:
         return 1  # matrix-vector work: not a tensor-core kernel
     split = 1
