@@ -1,4 +1,5 @@
-"""`python -m scheduler_svc --worker HOST:PORT`: the public tinyvllm API in front of one worker."""
+"""`python -m scheduler_svc --worker HOST:PORT` (or `tinyvllm-scheduler`): the public tinyvllm API in front of one
+worker, over gRPC and over HTTP (OpenAI-compatible, plus /health and /metrics)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,8 @@ import asyncio
 import signal
 
 from scheduler_svc.engine import Engine
-from scheduler_svc.server import Limits, drain, serve
+from scheduler_svc.frontend import Frontend, Limits
+from scheduler_svc.server import drain, serve
 from shared.auth import resolve_secret
 from shared.service import setup_logging
 
@@ -15,29 +17,39 @@ async def run(args: argparse.Namespace) -> None:
     engine = Engine(args.worker, secret=resolve_secret(args.worker_secret))
     await engine.start(connect_timeout_s=args.connect_timeout)
     limits = Limits(max_request_mb=args.max_request_mb, max_waiting=args.max_waiting, max_streams=args.max_streams)
-    server, _, servicer = await serve(engine, args.host, args.port, limits)
+    frontend = Frontend(engine, limits)
+    http = None
+    if args.http_port:
+        from scheduler_svc.http_server import start_http  # FastAPI and uvicorn load only when HTTP is on
+
+        http = await start_http(frontend, args.host, args.http_port)
+    server, _ = await serve(frontend, args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await drain(server, servicer, engine, grace_s=args.shutdown_grace)
+    await drain(frontend, grace_s=args.shutdown_grace)
+    if http:
+        await http.stop()
+    await server.stop(grace=1)
     await engine.stop()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--worker", default="127.0.0.1:50061", help="the worker's address")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=50051)
+    ap.add_argument("--host", default="127.0.0.1", help="address both gRPC and HTTP listen on")
+    ap.add_argument("--port", type=int, default=50051, help="gRPC port")
+    ap.add_argument("--http-port", type=int, default=8000, help="HTTP port (OpenAI API, /health, /metrics); 0: off")
     ap.add_argument("--connect-timeout", type=float, default=900.0, help="seconds to wait for the worker to be ready")
     defaults = Limits()
     ap.add_argument("--max-request-mb", type=float, default=defaults.max_request_mb,
-                    help="largest GenerateRequest accepted (larger: RESOURCE_EXHAUSTED from gRPC)")
+                    help="largest request accepted (larger: RESOURCE_EXHAUSTED from gRPC, HTTP 413)")
     ap.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
-                    help="requests queued for admission; beyond: RESOURCE_EXHAUSTED at once")
+                    help="requests queued for admission; beyond: RESOURCE_EXHAUSTED (HTTP 429) at once")
     ap.add_argument("--max-streams", type=int, default=defaults.max_streams,
-                    help="open Generate streams; beyond: RESOURCE_EXHAUSTED at once")
+                    help="open requests, gRPC and HTTP; beyond: RESOURCE_EXHAUSTED (HTTP 429) at once")
     ap.add_argument("--shutdown-grace", type=float, default=5.0,
                     help="seconds streams get to finish on SIGTERM before they end with FINISH_REASON_ABORT")
     ap.add_argument("--worker-secret", default=None,

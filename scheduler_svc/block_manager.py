@@ -41,6 +41,8 @@ class BlockManager:
         # free blocks in the order they should be reused: least recently released first
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self._by_hash: dict[int, int] = {}
+        self.prefix_queries = 0  # prompt tokens looked up by allocate_prompt (vLLM's prefix_cache_queries)
+        self.prefix_hits = 0  # of those, tokens found in cached blocks
 
     @property
     def total_blocks(self) -> int:
@@ -91,6 +93,8 @@ class BlockManager:
         table.num_hashed_blocks = len(table.block_ids)
         table.last_hash = parent
         table.num_cached_tokens = len(table.block_ids) * self.block_size
+        self.prefix_queries += len(tokens)
+        self.prefix_hits += table.num_cached_tokens
 
     def can_grow(self, table: BlockTable, num_tokens: int) -> bool:
         return self.blocks_for(num_tokens) - len(table.block_ids) <= self.num_free

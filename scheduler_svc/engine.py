@@ -15,18 +15,19 @@ import random
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.scheduler import PIPELINE_DEPTH, STREAM_STEPS, ScheduledBatch, Scheduler
-from scheduler_svc.sequence import Sampling, Sequence
-from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler_svc.sequence import Finish, Sampling, Sequence
+from scheduler_svc.chat import ChatTemplate, load_chat_template
+from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from shared.auth import call_metadata
 from shared.service import GRPC_OPTIONS
-from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
+from tinyvllm.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                grpc.StatusCode.FAILED_PRECONDITION}
 RETRY_EVERY_S = 1.0
+FINISH_NAMES = {Finish.STOP: "stop", Finish.LENGTH: "length", Finish.ABORT: "abort", Finish.NONE: "abort"}
 # reconnect to a worker within a second of its return: gRPC's default backoff grows to 120 s while a worker is
 # away or warming up, and the first token after a restart waited for it (12-51 s)
 WORKER_CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
@@ -54,6 +56,8 @@ class StepStats:
     wall_seconds: float = 0.0
     worker_seconds: float = 0.0
     refused_calls: int = 0  # pipelined calls the worker refused as out of order (then resent with token ids)
+    prompt_tokens: int = 0  # prompt tokens of every request submitted
+    finished: dict[str, int] = field(default_factory=dict)  # requests finished, by reason (stop, length, abort)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Engine:
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
         self.tokenizer: Tokenizer | None = None
+        self.chat_template: ChatTemplate | None = None  # None: the checkpoint has none
         self.blocks: BlockManager | None = None
         self.scheduler: Scheduler | None = None
         self.stats = StepStats()
@@ -91,8 +96,11 @@ class Engine:
     async def start(self, connect_timeout_s: float = 600.0) -> None:
         self.info = await self._fetch_worker_info(connect_timeout_s)
         info = self.info
-        self.tokenizer = Tokenizer(info.tokenizer_model, info.add_bos_token, info.bos_token_id,
-                                   list(info.eos_token_ids))
+        self.tokenizer = load_tokenizer(info)
+        eos_id = min(info.eos_token_ids) if info.eos_token_ids else -1
+        self.chat_template = load_chat_template(
+            info.chat_template, info.bos_token or self.tokenizer.token_text(info.bos_token_id),
+            info.eos_token or self.tokenizer.token_text(eos_id))
         self.blocks = BlockManager(info.num_kv_blocks, info.block_size)
         self.scheduler = Scheduler(self.blocks, list(info.decode_batch_sizes),
                                    [(s.rows, s.tokens) for s in info.prefill_shapes], info.max_steps_per_call,
@@ -144,6 +152,7 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         self._by_id[seq.request_id] = seq
+        self.stats.prompt_tokens += len(seq.prompt_ids)
         self.scheduler.add(seq)
         self._wake.set()
 
@@ -161,8 +170,10 @@ class Engine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
-        if self._by_id.get(seq.request_id) is seq:
+        if self._by_id.get(seq.request_id) is seq:  # the first time only: a finished sequence may be seen again
             del self._by_id[seq.request_id]
+            reason = FINISH_NAMES[seq.finish]
+            self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -306,4 +317,13 @@ class Engine:
     # ---- introspection -----------------------------------------------------------------------------------------
     def counts(self) -> tuple[int, int]:
         return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def stats_proto(self) -> scheduler_pb2.EngineStats:
+        """Every cumulative counter, read where it is kept: GetServerInfo and /metrics both report this."""
+        s = self.stats
+        return scheduler_pb2.EngineStats(
+            worker_calls=s.calls, worker_call_seconds=s.wall_seconds, worker_busy_seconds=s.worker_seconds,
+            generated_tokens=s.tokens, preemptions=self.scheduler.num_preemptions, worker_restarts=self.restarts,
+            prompt_tokens=s.prompt_tokens, prefix_cache_queries=self.blocks.prefix_queries,
+            prefix_cache_hits=self.blocks.prefix_hits, finished_requests=s.finished)
 

@@ -24,6 +24,25 @@ SHAPES: dict[str, dict] = {
 }
 
 
+# TinyLlama-1.1B-Chat's template (Zephyr style), with an error for roles it does not know
+CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n"
+    "{% else %}\n"
+    "{{ raise_exception('Only system, user and assistant roles are supported, not ' + message['role']) }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
+
 def train_tokenizer(vocab_size: int = 400) -> bytes:
     """A Llama-style SentencePiece BPE model (BOS=1, EOS=2, byte fallback) trained on the shipped corpus."""
     import sentencepiece as spm
@@ -58,7 +77,8 @@ def build_checkpoint(out_dir: str | pathlib.Path, shape: str = "demo", dtype: st
     (out / "generation_config.json").write_text(json.dumps(dict(bos_token_id=1, eos_token_id=2), indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps(
         dict(add_bos_token=True, add_eos_token=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-             tokenizer_class="LlamaTokenizer", legacy=False, model_max_length=dims["max_position_embeddings"]),
+             tokenizer_class="LlamaTokenizer", legacy=False, model_max_length=dims["max_position_embeddings"],
+             chat_template=CHAT_TEMPLATE),
         indent=2))
 
     rng = np.random.default_rng(seed)

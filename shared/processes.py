@@ -27,10 +27,16 @@ def _tail(log_path: pathlib.Path | None) -> str:
     return log_path.read_text()[-4000:] if log_path else "(see the output above)"
 
 
+# reconnect within 0.2-1 s: with gRPC's default backoff (growing to 120 s) the channel of a service still warming
+# up retried its connection 12-40 s after the service was in fact ready, and every health check failed at once
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                  ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 def wait_serving(address: str, proc: subprocess.Popen, log_path: pathlib.Path | None, timeout_s: float) -> None:
     """Polls grpc.health.v1 until SERVING; fails early, with the log, if the process dies."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=FAST_RECONNECT) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -52,6 +58,7 @@ class Service:
     address: str
     proc: subprocess.Popen
     log_path: pathlib.Path | None  # None: the process writes to the terminal
+    http_url: str = ""  # the scheduler's HTTP API (http://host:port), "" if off or not a scheduler
 
     @classmethod
     def start(cls, name: str, module: str, args: list[str], log_dir: pathlib.Path | None, port: int | None = None,
@@ -90,16 +97,22 @@ def start_worker(model_dir: pathlib.Path, log_dir: pathlib.Path | None, extra: l
 
 
 def start_services(model_dir: pathlib.Path, log_dir: pathlib.Path | None, worker_flags: list[str],
-                   worker_port: int | None = None, port: int | None = None) -> tuple[Service, Service]:
+                   worker_port: int | None = None, port: int | None = None,
+                   http_port: int | None = None) -> tuple[Service, Service]:
     """A worker and the scheduler in front of it; the worker is stopped again if the scheduler fails to start."""
     worker = start_worker(model_dir, log_dir, worker_flags, port=worker_port)
     try:
-        return worker, start_scheduler(worker.address, log_dir, port=port)
+        return worker, start_scheduler(worker.address, log_dir, port=port, http_port=http_port)
     except BaseException:
         worker.stop()
         raise
 
 
 def start_scheduler(worker: str, log_dir: pathlib.Path | None, port: int | None = None,
-                    extra: list[str] = ()) -> Service:
-    return Service.start("scheduler", "scheduler_svc", ["--worker", worker, *extra], log_dir, port=port)
+                    extra: list[str] = (), http_port: int | None = None) -> Service:
+    """http_port None: a free port (several schedulers may run at once); 0: HTTP off."""
+    http_port = free_port() if http_port is None else http_port
+    service = Service.start("scheduler", "scheduler_svc", ["--worker", worker, "--http-port", str(http_port), *extra],
+                            log_dir, port=port)
+    service.http_url = f"http://{service.address.rsplit(':', 1)[0]}:{http_port}" if http_port else ""
+    return service

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 
 from scheduler_svc.sequence import Finish, Sampling, Sequence
-from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler_svc.tokenizer import IncrementalDetokenizer, SentencePieceTokenizer, Tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(demo_checkpoint) -> Tokenizer:
-    return Tokenizer((demo_checkpoint / "tokenizer.model").read_bytes(), add_bos=True, bos_id=1, eos_ids=[2])
+    return SentencePieceTokenizer((demo_checkpoint / "tokenizer.model").read_bytes(), add_bos=True, bos_id=1, eos_ids=[2])
 
 
 def make_seq(tok: Tokenizer, prompt: str, **sampling) -> Sequence:

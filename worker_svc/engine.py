@@ -1,7 +1,6 @@
 """Builds everything a worker serves from: config, resident weights, KV pool, model and runner."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import pathlib
@@ -16,6 +15,7 @@ from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPE
 from worker_svc.kv_cache import PagedKVCache
 from worker_svc.model import LlamaModel
 from worker_svc.runner import ModelRunner
+from worker_svc.tokenizer_files import read_tokenizer_info
 from worker_svc.weights import compute_dtype_for, load_weights
 
 log = logging.getLogger(__name__)
@@ -35,26 +35,6 @@ class WorkerOptions:
     dtype: str = "auto"
     warm_up: bool = True
     tuning: str | None = None  # tuning table (worker_svc.tuning): None = the one shipped for the device, "none" = off
-
-
-@dataclass
-class TokenizerInfo:
-    model_bytes: bytes
-    add_bos: bool
-    bos_id: int
-    eos_ids: list[int]
-
-
-def read_tokenizer_info(checkpoint: pathlib.Path, config: LlamaConfig) -> TokenizerInfo:
-    """tokenizer.model plus how the checkpoint's tokenizer adds BOS and which ids end generation."""
-    tok_cfg_path, gen_cfg_path = checkpoint / "tokenizer_config.json", checkpoint / "generation_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
-    gen_cfg = json.loads(gen_cfg_path.read_text()) if gen_cfg_path.exists() else {}
-    eos = gen_cfg.get("eos_token_id", list(config.eos_token_ids))
-    eos_ids = sorted(set((eos if isinstance(eos, list) else [eos]) + list(config.eos_token_ids)))
-    bos = config.bos_token_id if config.bos_token_id is not None else gen_cfg.get("bos_token_id", 1)
-    return TokenizerInfo(model_bytes=(checkpoint / "tokenizer.model").read_bytes(),
-                         add_bos=bool(tok_cfg.get("add_bos_token", True)), bos_id=int(bos), eos_ids=eos_ids)
 
 
 class WorkerEngine:

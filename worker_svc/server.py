@@ -147,8 +147,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             decode_batch_sizes=r.decode_batch_sizes,
             prefill_shapes=[worker_pb2.PrefillShape(rows=b, tokens=t) for b, t in r.prefill_shapes],
             max_steps_per_call=r.max_steps, tokenizer_model=e.tokenizer.model_bytes,
-            add_bos_token=e.tokenizer.add_bos, bos_token_id=e.tokenizer.bos_id,
-            eos_token_ids=e.tokenizer.eos_ids, instance_id=self.instance_id)
+            tokenizer_json=e.tokenizer.json_bytes, add_bos_token=e.tokenizer.add_bos, bos_token_id=e.tokenizer.bos_id,
+            eos_token_ids=e.tokenizer.eos_ids, instance_id=self.instance_id, chat_template=e.tokenizer.chat_template,
+            bos_token=e.tokenizer.bos_token, eos_token=e.tokenizer.eos_token)
 
     def Execute(self, request, context) -> worker_pb2.ExecuteResponse:
         index = request.call_index

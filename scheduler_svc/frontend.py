@@ -1,0 +1,198 @@
+"""The one entry point of both front doors (gRPC and HTTP): validate a GenerateRequest, admit it, stream its
+responses, and account for it when it ends (metrics, one log line). An error is a RequestError carrying the gRPC
+status code; the HTTP API maps that code to its HTTP status, so both doors refuse the same requests the same way."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from scheduler_svc.chat import ChatTemplateError
+from scheduler_svc.engine import FINISH_NAMES, Engine
+from scheduler_svc.metrics import EngineCollector, RequestMetrics
+from scheduler_svc.sequence import Sampling, Sequence
+from tinyvllm.v1 import scheduler_pb2
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request refused before it ran: `code` says why (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE...)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def sampling_from_proto(p: scheduler_pb2.SamplingParams) -> Sampling:
+    """Applies vLLM's defaults to unset fields and rejects values no sampler can honour."""
+    s = Sampling()
+    if p.HasField("max_tokens"):
+        if p.max_tokens < 1:
+            raise _invalid("max_tokens must be at least 1")
+        s.max_tokens = p.max_tokens
+    if p.HasField("temperature"):
+        if not (p.temperature >= 0 and math.isfinite(p.temperature)):
+            raise _invalid("temperature must be a finite number >= 0")
+        s.temperature = p.temperature
+    if p.HasField("top_p"):
+        if not 0 < p.top_p <= 1:
+            raise _invalid("top_p must be in (0, 1]")
+        s.top_p = p.top_p
+    if p.HasField("top_k"):
+        if p.top_k < -1:
+            raise _invalid("top_k must be -1 or 0 (off) or a positive count")
+        s.top_k = max(0, p.top_k)
+    if p.HasField("seed"):
+        s.seed = (p.seed ^ (p.seed >> 32)) & 0xFFFFFFFF
+    if any(not stop for stop in p.stop):
+        raise _invalid("stop strings must not be empty")
+    s.stop = tuple(p.stop)
+    s.stop_token_ids = frozenset(p.stop_token_ids)
+    s.ignore_eos = p.ignore_eos
+    s.min_tokens = p.min_tokens
+    if s.min_tokens > s.max_tokens:
+        raise _invalid("min_tokens must not exceed max_tokens")
+    return s
+
+
+@dataclass
+class Limits:
+    """What one scheduler accepts before it answers RESOURCE_EXHAUSTED (flags of `python -m scheduler_svc`)."""
+
+    max_request_mb: float = 4.0  # a GenerateRequest larger than this is refused by gRPC itself
+    max_waiting: int = 1024  # requests queued for admission
+    max_streams: int = 4096  # open Generate streams, running or waiting, over both front doors
+
+
+class Frontend:
+    """Owns what is per front-door request rather than per sequence: open-stream count, drain state, metrics."""
+
+    def __init__(self, engine: Engine, limits: Limits):
+        """engine: started (its worker info is known)."""
+        self.engine = engine
+        self.limits = limits
+        self.metrics = RequestMetrics(engine.info.model_name)
+        self.metrics.registry.register(EngineCollector(engine))  # /metrics: histograms + the engine's counters
+        self.streams = 0  # open requests, gRPC and HTTP
+        self.draining = False  # shutting down: new requests get UNAVAILABLE
+
+    def _prompt_ids(self, request: scheduler_pb2.GenerateRequest) -> list[int]:
+        """Tokenizes (or renders and tokenizes) and checks the input. Runs in a thread: a large prompt must not
+        stall the event loop."""
+        which = request.WhichOneof("input")
+        engine = self.engine
+        if which is None:
+            raise _invalid("exactly one of prompt, prompt_token_ids or messages is required")
+        if which == "prompt":
+            ids = engine.tokenizer.encode(request.prompt)
+        elif which == "messages":
+            if engine.chat_template is None:
+                raise _invalid(f"the model {engine.info.model_name!r} has no chat template; send a prompt instead")
+            chat = request.messages
+            messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+            add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+            try:
+                text = engine.chat_template.render(messages, add_generation_prompt=add)
+            except ChatTemplateError as exc:
+                raise _invalid(str(exc)) from exc
+            ids = engine.tokenizer.encode_rendered(text)
+        else:
+            array = np.asarray(request.prompt_token_ids.ids, dtype=np.int64)
+            vocab = engine.info.vocab_size
+            if array.size and (array.min() < 0 or array.max() >= vocab):
+                raise _invalid(f"prompt_token_ids must be in [0, {vocab})")
+            ids = array.tolist()
+        if not ids:
+            raise _invalid("the prompt is empty")
+        limit = engine.max_length
+        if len(ids) >= limit:
+            raise _invalid(f"the prompt has {len(ids)} tokens; at most {limit - 1} fit with one new token")
+        return ids
+
+    async def start(self, request: scheduler_pb2.GenerateRequest) -> "RequestStream":
+        """Validates and admits one request; raises RequestError. The caller must iterate or close the stream."""
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
+        if self.streams >= self.limits.max_streams:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self.streams} streams are open, the limit (--max-streams); retry later")
+        if self.engine.counts()[1] >= self.limits.max_waiting:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self.limits.max_waiting} requests are waiting, the limit (--max-waiting); "
+                               "retry later")
+        sampling = sampling_from_proto(request.params)
+        if any(not 0 <= i < self.engine.info.vocab_size for i in sampling.stop_token_ids):
+            raise _invalid("stop_token_ids must be valid token ids")
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+        try:
+            seq = self.engine.new_sequence(request.request_id, prompt_ids, sampling)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from exc
+        if self.engine.is_running(seq.request_id):
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {seq.request_id!r} is already running")
+        self.engine.submit(seq)
+        self.streams += 1
+        return RequestStream(self, seq)
+
+
+class RequestStream:
+    """One admitted request's responses. close() (also at the end of iteration) aborts it if it has not finished
+    (the client went away), and accounts for it once: metrics and the one log line per request."""
+
+    def __init__(self, frontend: Frontend, seq: Sequence):
+        self.frontend, self.seq = frontend, seq
+        self.first_token_at: float | None = None
+        self.closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+    async def __aiter__(self) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
+        seq = self.seq
+        try:
+            while True:
+                delta = await seq.outbox.get()
+                if delta.token_ids and self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                done = delta.finish != 0
+                response = scheduler_pb2.GenerateResponse(
+                    request_id=seq.request_id, token_ids=delta.token_ids, text=delta.text,
+                    finish_reason=int(delta.finish))
+                if done:
+                    response.prompt_tokens = len(seq.prompt_ids)
+                    response.completion_tokens = len(seq.output_ids)
+                    response.stop_reason = delta.stop_reason
+                    response.cached_prompt_tokens = seq.cached_prompt_tokens
+                yield response
+                if done:
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        frontend, seq = self.frontend, self.seq
+        frontend.streams -= 1
+        if not seq.finish:  # the client cancelled or disconnected
+            frontend.engine.abort(seq)
+        now = time.monotonic()
+        reason = FINISH_NAMES[seq.finish]
+        frontend.metrics.observe(seq.arrival, self.first_token_at, now, len(seq.output_ids), reason)
+        ttft = f"{self.first_token_at - seq.arrival:.3f}s" if self.first_token_at else "-"
+        log.info("request %s finished: %d prompt + %d completion tokens, first token %s, %.3fs, %s%s",
+                 seq.request_id.encode("unicode_escape").decode(), len(seq.prompt_ids), len(seq.output_ids), ttft, now - seq.arrival, reason,
+                 f" ({seq.stop_reason})" if reason == "abort" and seq.stop_reason else "")
