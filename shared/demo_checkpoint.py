@@ -59,7 +59,6 @@ def train_tokenizer(vocab_size: int = 400) -> bytes:
 def build_checkpoint(out_dir: str | pathlib.Path, shape: str = "demo", dtype: str = "float32", seed: int = 0,
                      tie_word_embeddings: bool = False, shards: int = 1) -> pathlib.Path:
     """Write config.json, tokenizer files and random weights (std chosen so logits are well spread)."""
-    from safetensors.numpy import save_file
     import sentencepiece as spm
 
     out = pathlib.Path(out_dir)
@@ -80,6 +79,15 @@ def build_checkpoint(out_dir: str | pathlib.Path, shape: str = "demo", dtype: st
              tokenizer_class="LlamaTokenizer", legacy=False, model_max_length=dims["max_position_embeddings"],
              chat_template=CHAT_TEMPLATE),
         indent=2))
+
+    write_random_weights(out, dims, vocab, dtype, seed, tie_word_embeddings, shards)
+    return out
+
+
+def write_random_weights(out: pathlib.Path, dims: dict, vocab: int, dtype: str, seed: int, tie_word_embeddings: bool,
+                   shards: int) -> None:
+    """Random weights in the Hugging Face names (std chosen so logits are well spread)."""
+    from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
@@ -111,7 +119,6 @@ def build_checkpoint(out_dir: str | pathlib.Path, shape: str = "demo", dtype: st
             p + "mlp.down_proj.weight": rand(D, F, std=F ** -0.5),
         })
     _save(out, tensors, shards, save_file)
-    return out
 
 
 def _save(out: pathlib.Path, tensors: dict[str, np.ndarray], shards: int, save_file) -> None:

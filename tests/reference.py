@@ -24,14 +24,29 @@ class NumpyLlama:
     def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.cfg["rms_norm_eps"]) * weight
 
+    def _inv_freq(self, hd: int) -> np.ndarray:
+        """Rotary frequencies; Llama 3 scaling as Meta's reference code writes it (apply_scaling in llama/model.py),
+        vectorised: short wavelengths kept, long ones divided by `factor`, a linear blend in between."""
+        inv_freq = 1.0 / (self.cfg.get("rope_theta", 10000.0) ** (np.arange(0, hd, 2) / hd))
+        scaling = self.cfg.get("rope_scaling") or {}
+        if scaling.get("rope_type", scaling.get("type")) != "llama3":
+            assert not scaling, f"the reference knows no rope scaling {scaling}"
+            return inv_freq
+        factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old / scaling["low_freq_factor"], old / scaling["high_freq_factor"]
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old / wavelen - scaling["low_freq_factor"]) / (scaling["high_freq_factor"] - scaling["low_freq_factor"])
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return np.where(wavelen < high_wavelen, inv_freq, np.where(wavelen > low_wavelen, inv_freq / factor, blended))
+
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits (len(token_ids), vocab) for every position of one sequence."""
         c, w = self.cfg, self.w
         n_heads, n_kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
-        hd = c["hidden_size"] // n_heads
+        hd = c.get("head_dim") or c["hidden_size"] // n_heads
         T = len(token_ids)
         x = w["model.embed_tokens.weight"][np.array(token_ids)]
-        inv_freq = 1.0 / (c.get("rope_theta", 10000.0) ** (np.arange(0, hd, 2) / hd))
+        inv_freq = self._inv_freq(hd)
         angles = np.outer(np.arange(T), inv_freq)
         cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
 
