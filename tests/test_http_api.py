@@ -1,0 +1,159 @@
+"""The OpenAI-compatible HTTP API against the live services, through the official `openai` client (and raw SSE
+through httpx): the same requests as over gRPC give the same tokens, errors keep OpenAI's shape, a client that
+disconnects aborts its request, and /metrics moves as requests run."""
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_integration import collect, generate, wait_idle
+from tinyvllm.v1 import scheduler_pb2 as pb
+
+PROMPT = "Once upon a time"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the river."}]
+
+
+@pytest.fixture(scope="module")
+def http_url(services) -> str:
+    return services["scheduler"].http_url
+
+
+@pytest.fixture(scope="module")
+def client(http_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(demo_checkpoint) -> str:
+    return demo_checkpoint.name
+
+
+def chat_request(messages: list[dict], **kw) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(params=pb.SamplingParams(**kw))
+    for m in messages:
+        req.messages.messages.add(role=m["role"], content=m["content"])
+    return req
+
+
+def scrape(http_url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, keyed by (name, sorted labels without model_name)."""
+    text = httpx.get(f"{http_url}/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def test_health_and_models(client, http_url, model):
+    assert httpx.get(f"{http_url}/health").status_code == 200
+    models = client.models.list().data
+    assert [m.id for m in models] == [model]
+    assert models[0].model_extra["max_model_len"] == 256
+
+
+def test_completion_is_the_grpc_completion(client, stub, model):
+    """Greedy and seeded sampling: every field reaches the same SamplingParams as over gRPC."""
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+    want = generate(stub, PROMPT, max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, 12)
+    assert r.usage.total_tokens == want.prompt_tokens + 12
+    sampled = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0.9, top_p=0.9,
+                                        seed=7, extra_body={"top_k": 20})
+    want = generate(stub, PROMPT, max_tokens=10, temperature=0.9, top_p=0.9, seed=7, top_k=20)
+    assert sampled.choices[0].text == want.text
+    stop = want.text[3:6]
+    if stop.strip():
+        cut = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0.9, top_p=0.9,
+                                        seed=7, extra_body={"top_k": 20}, stop=[stop])
+        assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+
+
+def test_streamed_chat_completion(client, stub, model):
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    want = collect(stub.Generate(chat_request(CHAT, max_tokens=10, temperature=0)))
+    assert text == want.text and finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == want.prompt_tokens
+    whole = client.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0)
+    assert whole.choices[0].message.content == want.text and whole.choices[0].message.role == "assistant"
+
+
+def test_errors_have_openai_shape_and_status(client, http_url, model):
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, top_p=2.0)
+    with pytest.raises(openai.BadRequestError, match="roles are supported"):  # the template's raise_exception
+        client.chat.completions.create(model=model, messages=[{"role": "tool", "content": "x"}], max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="n: only 1"):
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, n=2)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=4)
+    raw = httpx.post(f"{http_url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    raw = httpx.post(f"{http_url}/v1/completions", json={"model": model})  # no prompt
+    assert raw.status_code == 400 and "prompt" in raw.json()["error"]["message"]
+
+
+def test_raw_server_sent_events(http_url, model):
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{http_url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_disconnect_aborts_and_metrics_move(stub, http_url, model):
+    before = scrape(http_url)
+    body = {"model": model, "messages": CHAT, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{http_url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        during = scrape(http_url)  # the request is running, holding KV blocks
+        assert during[("tinyvllm:num_requests_running", ())] == 1
+        assert 0 < during[("tinyvllm:kv_cache_usage_perc", ())] <= 1
+    deadline = time.monotonic() + 10
+    while (after := scrape(http_url))[("tinyvllm:request_success_total", (("finished_reason", "abort"),))] \
+            == before[("tinyvllm:request_success_total", (("finished_reason", "abort"),))]:
+        assert time.monotonic() < deadline, "the disconnected request was not aborted"
+        time.sleep(0.05)
+    info = wait_idle(stub)
+    assert info.running_requests == 0 and info.free_kv_blocks == info.total_kv_blocks
+    generated = after[("tinyvllm:generation_tokens_total", ())] - before[("tinyvllm:generation_tokens_total", ())]
+    assert 0 < generated < 200
+
+
+def test_metrics_count_a_request(client, http_url, model):
+    prompt = " ".join(["The river ran from the hills to the sea."] * 3)  # more than a block: a prefix-cache hit
+    client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    before = scrape(http_url)
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0)
+    after = scrape(http_url)
+
+    def moved(name: str, labels: tuple = ()) -> float:
+        return after[(name, labels)] - before[(name, labels)]
+
+    assert moved("tinyvllm:prompt_tokens_total") == r.usage.prompt_tokens
+    assert moved("tinyvllm:generation_tokens_total") == 5
+    assert moved("tinyvllm:request_success_total", (("finished_reason", "length"),)) == 1
+    assert moved("tinyvllm:prefix_cache_queries_total") == r.usage.prompt_tokens
+    assert moved("tinyvllm:prefix_cache_hits_total") >= 16
+    for histogram in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert moved(f"tinyvllm:{histogram}_count") == 1
+        assert moved(f"tinyvllm:{histogram}_sum") > 0
+    for name in ("num_preemptions_total", "worker_restarts_total", "num_requests_waiting"):
+        assert (f"tinyvllm:{name}", ()) in after
