@@ -35,6 +35,7 @@ def model(demo_checkpoint) -> str:
 
 def chat_request(messages: list[dict], **kw) -> pb.GenerateRequest:
     req = pb.GenerateRequest(params=pb.SamplingParams(**kw))
+    req.messages.SetInParent()  # the chat input, even when it has no message
     for m in messages:
         req.messages.messages.add(role=m["role"], content=m["content"])
     return req
