@@ -35,8 +35,17 @@ def build_request(args: argparse.Namespace) -> scheduler_pb2.GenerateRequest:
     return request
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show (not for flags, lists or "none")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     ap.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
     ap.add_argument("--server", default="127.0.0.1:50051", help="the scheduler's gRPC address")
     ap.add_argument("--chat", action="store_true", help="send the prompt as a chat message (the model's template)")
@@ -45,13 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
     ap.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0 is off")
-    ap.add_argument("--seed", type=int, default=None, help="the same seed gives the same tokens (default: random)")
+    ap.add_argument("--seed", type=int, default=None, help="the same seed gives the same tokens (default: a random seed)")
     ap.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable); not printed")
     ap.add_argument("--stop-token-id", type=int, action="append", default=[],
                     help="stop after this token id (repeatable)")
     ap.add_argument("--ignore-eos", action="store_true", help="keep going after the end-of-sequence token")
     ap.add_argument("--min-tokens", type=int, default=0, help="EOS and stop ids are ignored until this many tokens")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds the whole request may take (default: none)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds the whole request may take (default: no limit)")
     return ap.parse_args(argv)
 
 
