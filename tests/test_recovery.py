@@ -8,6 +8,7 @@ import signal
 import time
 
 import grpc
+import httpx
 import pytest
 
 from shared.processes import free_port, start_scheduler, start_services, start_worker
@@ -114,6 +115,10 @@ def test_shutdown_refuses_new_requests_and_aborts_streams_after_the_grace(small,
                 max_tokens=100, temperature=0, ignore_eos=True)))
             first = next(stream)
             scheduler.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)  # the signal reaches the scheduler's loop
+            refused = httpx.post(f"{scheduler.http_url}/v1/completions", timeout=5,
+                                 json={"model": demo_checkpoint.name, "prompt": "The dragon", "max_tokens": 4})
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
             with pytest.raises(grpc.RpcError) as err:
                 generate(stub, "The dragon", max_tokens=4)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
