@@ -27,16 +27,10 @@ def _tail(log_path: pathlib.Path | None) -> str:
     return log_path.read_text()[-4000:] if log_path else "(see the output above)"
 
 
-# reconnect within 0.2-1 s: with gRPC's default backoff (growing to 120 s) the channel of a service still warming
-# up retried its connection 12-40 s after the service was in fact ready, and every health check failed at once
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                  ("grpc.max_reconnect_backoff_ms", 1000)]
-
-
 def wait_serving(address: str, proc: subprocess.Popen, log_path: pathlib.Path | None, timeout_s: float) -> None:
     """Polls grpc.health.v1 until SERVING; fails early, with the log, if the process dies."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address, options=FAST_RECONNECT) as channel:
+    with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
