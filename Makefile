@@ -34,7 +34,7 @@ protos: $(GEN)
 tinyvllm/v1/%_pb2.py: protos/tinyvllm/v1/%.proto
 	$(PYTHON) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $<
 
-$(DEMO_DIR)/config.json:
+$(DEMO_DIR)/config.json: shared/demo_checkpoint.py  # rebuilt when the builder changes (e.g. its chat template)
 	$(PYTHON) -m shared.demo_checkpoint $(DEMO_DIR)
 
 demo-model: $(DEMO_DIR)/config.json
@@ -49,7 +49,7 @@ run-demo: protos demo-model  ## both services on the demo model, until Ctrl-C
 	$(PYTHON) -m scheduler_svc.launch --model $(or $(MODEL),$(DEMO_DIR)) --worker-port $(WORKER_PORT) --port $(PORT) --http-port $(HTTP_PORT)
 
 client: protos
-	$(PYTHON) -m scheduler_svc.client --server $(HOST):$(PORT) "$(or $(PROMPT),Once upon a time)"
+	$(PYTHON) -m scheduler_svc.client --server $(HOST):$(PORT) $(CLIENT_ARGS) "$(or $(PROMPT),Once upon a time)"
 
 test: protos
 	$(PYTHON) -m pytest -q tests
