@@ -131,18 +131,23 @@ class Frontend:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{self.limits.max_waiting} requests are waiting, the limit (--max-waiting); "
                                "retry later")
-        sampling = sampling_from_proto(request.params)
-        if any(not 0 <= i < self.engine.info.vocab_size for i in sampling.stop_token_ids):
-            raise _invalid("stop_token_ids must be valid token ids")
-        prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+        self.streams += 1  # counted from here: requests being tokenized are open streams too
         try:
-            seq = self.engine.new_sequence(request.request_id, prompt_ids, sampling)
-        except ValueError as exc:
-            raise _invalid(str(exc)) from exc
-        if self.engine.is_running(seq.request_id):
-            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {seq.request_id!r} is already running")
+            sampling = sampling_from_proto(request.params)
+            if any(not 0 <= i < self.engine.info.vocab_size for i in sampling.stop_token_ids):
+                raise _invalid("stop_token_ids must be valid token ids")
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+            try:
+                seq = self.engine.new_sequence(request.request_id, prompt_ids, sampling)
+            except ValueError as exc:
+                raise _invalid(str(exc)) from exc
+            if self.engine.is_running(seq.request_id):
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"request_id {seq.request_id!r} is already running")
+        except BaseException:
+            self.streams -= 1
+            raise
         self.engine.submit(seq)
-        self.streams += 1
         return RequestStream(self, seq)
 
 

@@ -122,8 +122,9 @@ def test_disconnect_aborts_and_metrics_move(stub, http_url, model):
     body = {"model": model, "messages": CHAT, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", f"{http_url}/v1/chat/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
+        lines = (line for line in r.iter_lines() if line)
+        assert json.loads(next(lines)[len("data: "):])["choices"][0]["delta"]["role"] == "assistant"
+        assert json.loads(next(lines)[len("data: "):])["choices"][0]["delta"]["content"]  # a token: admitted
         during = scrape(http_url)  # the request is running, holding KV blocks
         assert during[("tinyvllm:num_requests_running", ())] == 1
         assert 0 < during[("tinyvllm:kv_cache_usage_perc", ())] <= 1
@@ -136,6 +137,20 @@ def test_disconnect_aborts_and_metrics_move(stub, http_url, model):
     assert info.running_requests == 0 and info.free_kv_blocks == info.total_kv_blocks
     generated = after[("tinyvllm:generation_tokens_total", ())] - before[("tinyvllm:generation_tokens_total", ())]
     assert 0 < generated < 200
+
+
+def test_disconnect_aborts_a_request_that_is_not_streamed(stub, http_url, model):
+    abort = ("tinyvllm:request_success_total", (("finished_reason", "abort"),))
+    before = scrape(http_url)[abort]
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 240 tokens
+        httpx.post(f"{http_url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+    deadline = time.monotonic() + 10
+    while scrape(http_url)[abort] == before:
+        assert time.monotonic() < deadline, "the abandoned request was not aborted"
+        time.sleep(0.05)
+    info = wait_idle(stub)
+    assert info.running_requests == 0 and info.free_kv_blocks == info.total_kv_blocks
 
 
 def test_metrics_count_a_request(client, http_url, model):
