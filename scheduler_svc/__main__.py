@@ -10,6 +10,7 @@ from scheduler_svc.engine import Engine
 from scheduler_svc.frontend import Frontend, Limits
 from scheduler_svc.server import drain, serve
 from shared.auth import resolve_secret
+from shared.cli import HelpFormatter
 from shared.service import setup_logging
 
 
@@ -37,7 +38,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--worker", default="127.0.0.1:50061", help="the worker's address")
     ap.add_argument("--host", default="127.0.0.1", help="address both gRPC and HTTP listen on")
     ap.add_argument("--port", type=int, default=50051, help="gRPC port")

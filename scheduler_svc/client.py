@@ -8,6 +8,7 @@ import sys
 
 import grpc
 
+from shared.cli import HelpFormatter
 from tinyvllm.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 # C0 and C1 control characters other than newline and tab, DEL included: printed as \x1b etc. so generated text
@@ -35,17 +36,8 @@ def build_request(args: argparse.Namespace) -> scheduler_pb2.GenerateRequest:
     return request
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one to show (not for flags, lists or "none")."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, [], argparse.SUPPRESS):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
     ap.add_argument("--server", default="127.0.0.1:50051", help="the scheduler's gRPC address")
     ap.add_argument("--chat", action="store_true", help="send the prompt as a chat message (the model's template)")

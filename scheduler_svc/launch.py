@@ -7,11 +7,12 @@ import pathlib
 import signal
 import threading
 
+from shared.cli import HelpFormatter
 from shared.processes import start_services
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="Hugging Face Llama checkpoint directory")
     ap.add_argument("--worker-port", type=int, default=50061)
     ap.add_argument("--port", type=int, default=50051, help="the scheduler's gRPC port")

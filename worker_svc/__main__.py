@@ -1,4 +1,4 @@
-"""`python -m worker_svc --model DIR`: load a checkpoint onto DEV's accelerator and serve it to a scheduler."""
+"""`python -m worker_svc --model DIR` (or `tinyvllm-worker`): load a checkpoint onto DEV's accelerator and serve it to a scheduler."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +8,12 @@ import signal
 import threading
 
 from shared.auth import resolve_secret
+from shared.cli import HelpFormatter
 from shared.service import setup_logging
 from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES, parse_int_list, parse_shapes
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="Hugging Face Llama checkpoint directory")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=50061)
