@@ -41,6 +41,10 @@ class Aborted(Exception):
     """The request ended with FINISH_REASON_ABORT (shutdown, a worker failure): no complete answer exists."""
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete: the request was aborted, nothing is sent."""
+
+
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -73,7 +77,9 @@ async def _collect(stream: RequestStream, http_request: Request) -> tuple[str, s
         if not work.done():
             work.cancel()
         stream.close()
-    text, last = work.result()  # CancelledError when the client left: nothing is sent to it anyway
+    if not work.done() or work.cancelled():
+        raise ClientGone()
+    text, last = work.result()
     if last.finish_reason == scheduler_pb2.FINISH_REASON_ABORT:
         raise Aborted(last.stop_reason or "the request was aborted")
     return text, last
@@ -103,6 +109,10 @@ def create_app(frontend: Frontend) -> FastAPI:
     @app.exception_handler(Aborted)
     async def on_aborted(_: Request, exc: Aborted) -> JSONResponse:
         return error_response(503, f"the request was aborted: {exc}")
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": for the record, nobody reads it
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -117,7 +117,7 @@ def test_raw_server_sent_events(http_url, model):
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
 
 
-def test_disconnect_aborts_and_metrics_move(stub, http_url, model):
+def test_disconnect_aborts_and_metrics_move(stub, http_url, model, services):
     before = scrape(http_url)
     body = {"model": model, "messages": CHAT, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
             "stream": True}
@@ -135,11 +135,13 @@ def test_disconnect_aborts_and_metrics_move(stub, http_url, model):
         time.sleep(0.05)
     info = wait_idle(stub)
     assert info.running_requests == 0 and info.free_kv_blocks == info.total_kv_blocks
+    log = (services["log_dir"] / "scheduler.log").read_text()
+    assert "Traceback" not in log  # a client that leaves is no error of the server's
     generated = after[("tinyvllm:generation_tokens_total", ())] - before[("tinyvllm:generation_tokens_total", ())]
     assert 0 < generated < 200
 
 
-def test_disconnect_aborts_a_request_that_is_not_streamed(stub, http_url, model):
+def test_disconnect_aborts_a_request_that_is_not_streamed(stub, http_url, model, services):
     abort = ("tinyvllm:request_success_total", (("finished_reason", "abort"),))
     before = scrape(http_url)[abort]
     body = {"model": model, "prompt": PROMPT, "max_tokens": 240, "temperature": 0, "ignore_eos": True}
@@ -151,6 +153,8 @@ def test_disconnect_aborts_a_request_that_is_not_streamed(stub, http_url, model)
         time.sleep(0.05)
     info = wait_idle(stub)
     assert info.running_requests == 0 and info.free_kv_blocks == info.total_kv_blocks
+    log = (services["log_dir"] / "scheduler.log").read_text()
+    assert "Traceback" not in log  # a client that leaves is no error of the server's
 
 
 def test_metrics_count_a_request(client, http_url, model):
