@@ -9,20 +9,45 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
-from tinygrad.uop.ops import Ops
+from tinygrad.uop.ops import KernelInfo, Ops
 
 from worker_svc import compat
 from worker_svc.kv_cache import NULL_BLOCK
 from worker_svc.model import LlamaModel
-from worker_svc.sampling import sample
+from worker_svc.sampling import NUM_LOGPROBS, PROMPT_FLAG, apply_bias_and_penalties, sample, token_logprobs
 
 # columns of the per-row metadata buffer that goes to the device in one copy, before the block table
-POS, CHUNK_LEN, TEMPERATURE, TOP_P, TOP_K, SEED, COUNTER = range(7)
-META_COLS = 7
+POS, CHUNK_LEN, TEMPERATURE, TOP_P, TOP_K, SEED, COUNTER, SLOT, MIN_P, REPETITION, PRESENCE, FREQUENCY = range(12)
+META_COLS = 12
+LOGPROB_COLS = 2 + 2 * NUM_LOGPROBS  # per row and step: chosen logprob, rank, top ids, top logprobs
+
+
+def _count_kernel(counts: UOp, slots: UOp, tokens: UOp) -> UOp:
+    """counts[slots[i], tokens[i]] += 1 for every row i: touches one entry per row, not the whole buffer. Rows
+    without a slot name slot 0, a scratch row nobody reads with a penalty on (their races there are harmless)."""
+    i = UOp.range(slots.shape[0], 0)
+    s = slots[i].cast(dtypes.weakint).maximum(0).minimum(counts.shape[0] - 1)
+    t = tokens[i].cast(dtypes.weakint).maximum(0).minimum(counts.shape[1] - 1)
+    return counts[s, t].store(counts[s, t] + 1).end(i).sink(arg=KernelInfo(name="count_tokens", opts_to_apply=()))
+
+
+@dataclass
+class SlotInit:
+    """What a sampling slot holds for the sequence the scheduler gives it: the counts of its tokens so far (the
+    penalties' state, which the graphs then update themselves) and its logit bias, with -inf outside
+    allowed_ids when that is not empty. The scheduler sends it when it assigns the slot, and again after a
+    worker restart: it is the source of truth."""
+
+    slot: int
+    prompt_ids: np.ndarray
+    output_ids: np.ndarray
+    bias_ids: np.ndarray
+    bias_values: np.ndarray
+    allowed_ids: np.ndarray
 
 
 def without_device_graphs(linear: UOp) -> UOp:
@@ -59,6 +84,22 @@ class Batch:
     counters: np.ndarray
     num_steps: int = 1
     prev_rows: np.ndarray | None = None
+    # the rest of vLLM's sampling parameters, per row (None: off for every row); slots (0: none) name the
+    # sampling slot whose counts and bias the row uses and whose counts its sampled tokens update
+    slots: np.ndarray | None = None
+    min_p: np.ndarray | None = None
+    repetition_penalty: np.ndarray | None = None
+    presence_penalty: np.ndarray | None = None
+    frequency_penalty: np.ndarray | None = None
+    logprobs: bool = False  # read back each sampled token's logprob, rank and top NUM_LOGPROBS alternatives
+    slot_inits: list[SlotInit] = field(default_factory=list)  # applied before the call runs
+
+    @property
+    def uses_extras(self) -> bool:
+        """Whether any row needs the full sampling graph's penalties, bias, min_p or logprobs."""
+        return bool(self.logprobs or self.slot_inits
+                    or (self.slots is not None and (self.slots > 0).any())
+                    or (self.min_p is not None and (self.min_p > 0).any()))
 
 
 class ModelRunner:
@@ -85,6 +126,7 @@ class ModelRunner:
         self.max_rows = max(b for b, _ in self.buckets)
         self._sampled = Tensor.zeros(self.max_rows, max_steps, dtype=dtypes.int32).contiguous().realize()
         self._last_call: tuple[int, int] | None = None  # (rows, num_steps) of the last call; None: unknown
+        self.last_logprobs: np.ndarray | None = None  # (B, num_steps, LOGPROB_COLS) of the last call, if asked
         # per bucket, the call's two host-to-device copies (token ids, packed metadata) as a captured graph too:
         # copied eagerly, each took milliseconds of tinygrad scheduling on the host (10 ms a call on the 2-core
         # CPU machine), which decided what a short, pipelined call costs
@@ -93,6 +135,12 @@ class ModelRunner:
         # its inputs there instead of wrapping new arrays
         self._host: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, Tensor, Tensor]] = {}
         self._step_var = UOp.variable("step", 0, max_steps - 1)
+        # sampling slots (0: scratch), one per sequence that may run at once, plus the per-step logprobs output
+        V = model.config.vocab_size
+        self.num_slots = self.decode_batch_sizes[-1] + 1
+        self._counts = Tensor.zeros(self.num_slots, V, dtype=dtypes.int32).contiguous().realize()
+        self._bias = Tensor.zeros(self.num_slots, V, dtype=dtypes.float32).contiguous().realize()
+        self._logprobs = Tensor.zeros(self.max_rows, max_steps, LOGPROB_COLS).contiguous().realize()
         self._blocks_var = UOp.variable("num_blocks", 1, self.table_width)
 
     # ---- the captured computation ----------------------------------------------------------------------------
@@ -101,7 +149,9 @@ class ModelRunner:
 
         Decode step 0 reads `tokens`, where a negative id -1 - i names entry i of the flattened sampled buffer (a
         row of the previous call at its last step); step s > 0 reads the tokens sampled at step s - 1. `filters`
-        (fixed per graph) includes the top-k/top-p search."""
+        (fixed per graph) includes the top-k/top-p search and the rest of vLLM's sampling parameters: logit bias,
+        allowed ids, repetition/presence/frequency penalties from the slots' counts (updated here with the sampled
+        tokens), min_p, and every row's logprobs (written to the logprobs buffer)."""
         B, T = tokens.shape
         sampled = self._sampled
         if T == 1:
@@ -117,11 +167,23 @@ class ModelRunner:
         slots = writable.where(blocks * bs + positions % bs, NULL_BLOCK * bs).cast(dtypes.int32)
         last = (meta[:, CHUNK_LEN] - 1).maximum(0)
         logits = self.model.logits(tokens, positions.cast(dtypes.int32), slots, tables, num_blocks, last)
-        next_tokens = sample(logits, meta[:, TEMPERATURE].bitcast(dtypes.float32), meta[:, TOP_K],
-                             meta[:, TOP_P].bitcast(dtypes.float32), meta[:, SEED].bitcast(dtypes.uint32),
-                             (meta[:, COUNTER] + step).bitcast(dtypes.uint32), filters=filters)
+        f32 = lambda col: meta[:, col].bitcast(dtypes.float32)  # noqa: E731
+        processed, min_p = logits, None
+        if filters:
+            slot = meta[:, SLOT].clip(0, self.num_slots - 1)
+            processed = apply_bias_and_penalties(logits, self._counts[slot], self._bias[slot], f32(REPETITION),
+                                                 f32(PRESENCE), f32(FREQUENCY))
+            min_p = f32(MIN_P)
+        next_tokens = sample(processed, f32(TEMPERATURE), meta[:, TOP_K], f32(TOP_P),
+                             meta[:, SEED].bitcast(dtypes.uint32), (meta[:, COUNTER] + step).bitcast(dtypes.uint32),
+                             filters=filters, min_p=min_p)
         store = sampled.uop.shrink(((0, B), (step, step + 1))).store(next_tokens.reshape(B, 1).uop)
-        return Tensor(sampled.uop.after(store))
+        if not filters:
+            return Tensor(sampled.uop.after(store))
+        lp = token_logprobs(logits, next_tokens).reshape(B, 1, LOGPROB_COLS)
+        lp_store = self._logprobs.uop.shrink(((0, B), (step, step + 1), (0, LOGPROB_COLS))).store(lp.uop)
+        counted = self._counts.custom_kernel(slot, next_tokens, fxn=_count_kernel)[0]
+        return Tensor(sampled.uop.after(store, lp_store, counted.uop))
 
     def _upload(self, tokens: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
         device = self.model.weights.embed.device
@@ -175,6 +237,30 @@ class ModelRunner:
             raise BatchError("top_p must be in (0, 1]")
         if (batch.top_k < 0).any():
             raise BatchError("top_k must be >= 0 (0: off)")
+        for name in ("slots", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(batch, name)
+            if value is not None and value.shape != (B,):
+                raise BatchError(f"{name} must have one entry per row ({B}), got shape {value.shape}")
+        if batch.slots is not None and ((batch.slots < 0) | (batch.slots >= self.num_slots)).any():
+            raise BatchError(f"slots must be in [0, {self.num_slots})")
+        if batch.min_p is not None and not ((batch.min_p >= 0) & (batch.min_p <= 1)).all():
+            raise BatchError("min_p must be in [0, 1]")
+        if batch.repetition_penalty is not None and not (np.isfinite(batch.repetition_penalty)
+                                                         & (batch.repetition_penalty > 0)).all():
+            raise BatchError("repetition_penalty must be finite and > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(batch, name)
+            if value is not None and not np.isfinite(value).all():
+                raise BatchError(f"{name} must be finite")
+        for init in batch.slot_inits:
+            if not 1 <= init.slot < self.num_slots:
+                raise BatchError(f"slot_inits: slot must be in [1, {self.num_slots})")
+            for name in ("prompt_ids", "output_ids", "bias_ids", "allowed_ids"):
+                ids = getattr(init, name)
+                if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                    raise BatchError(f"slot_inits: {name} must be in [0, {vocab})")
+            if init.bias_values.shape != init.bias_ids.shape or not np.isfinite(init.bias_values).all():
+                raise BatchError("slot_inits: bias_values must be finite, one per bias id")
         if batch.prev_rows is not None:
             if batch.prev_rows.shape != (B,):
                 raise BatchError(f"prev_rows must have one entry per row ({B}), got shape {batch.prev_rows.shape}")
@@ -198,6 +284,12 @@ class ModelRunner:
         meta[:, TOP_K] = batch.top_k
         meta[:, SEED] = batch.seeds.astype(np.uint32).view(np.int32)
         meta[:, COUNTER] = batch.counters.astype(np.uint32).view(np.int32)
+        meta[:, SLOT] = 0 if batch.slots is None else batch.slots
+        for col, value, default in ((MIN_P, batch.min_p, 0.0), (REPETITION, batch.repetition_penalty, 1.0),
+                                    (PRESENCE, batch.presence_penalty, 0.0),
+                                    (FREQUENCY, batch.frequency_penalty, 0.0)):
+            meta[:, col] = (np.full(B, default, np.float32) if value is None
+                            else value.astype(np.float32)).view(np.int32)
         meta[:, META_COLS:] = batch.block_tables
         return meta
 
@@ -207,10 +299,10 @@ class ModelRunner:
         return min(max(1, math.ceil(end / self.block_size)), self.table_width)
 
     def graph_key(self, batch: Batch) -> tuple[int, int, bool]:
-        """(rows, tokens, filters) of the graph that runs a valid batch: the one without the top-k/top-p search
-        unless a row asks for it."""
+        """(rows, tokens, filters) of the graph that runs a valid batch: the one without the top-k/top-p search and
+        the other sampling parameters unless a row asks for them."""
         B, T = self.validate(batch)
-        return B, T, bool(((batch.top_k > 0) | (batch.top_p < 1.0)).any())
+        return B, T, bool(((batch.top_k > 0) | (batch.top_p < 1.0)).any() or batch.uses_extras)
 
     def _input_tokens(self, batch: Batch) -> np.ndarray:
         """token_ids with each fed row's first token replaced by -1 - (its flat index in the sampled buffer): the
@@ -239,14 +331,37 @@ class ModelRunner:
         """Run the batch; returns the sampled token ids, (B, num_steps) int32. Two host-to-device copies per call."""
         key = self.graph_key(batch)
         jit = self._jits[key]
+        self.last_logprobs = None
+        self._init_slots(batch.slot_inits)
         tokens, meta = self._upload_inputs(batch, key[:2])
         num_blocks = self._blocks_var.bind(self.blocks_to_read(batch))
         self._last_call = None  # a call that fails part-way leaves the sampled buffer in no known state
         for s in range(batch.num_steps):
             sampled = jit(tokens, meta, self._step_var.bind(s), num_blocks)
         out = sampled.numpy()[:batch.token_ids.shape[0], :batch.num_steps]
+        if batch.logprobs:
+            self.last_logprobs = self._logprobs.numpy()[:batch.token_ids.shape[0], :batch.num_steps]
         self._last_call = (batch.token_ids.shape[0], batch.num_steps)
         return out
+
+    def _init_slots(self, inits: list[SlotInit]) -> None:
+        """Writes each slot's counts and bias rows (eagerly, outside the graphs: once per sequence admission)."""
+        V = self.model.config.vocab_size
+        for init in inits:
+            counts = np.zeros(V, np.int32)
+            counts[np.unique(init.prompt_ids)] += PROMPT_FLAG
+            np.add.at(counts, init.output_ids, 1)
+            bias = np.zeros(V, np.float32)
+            if init.allowed_ids.size:
+                bias[:] = -np.inf
+                bias[init.allowed_ids] = 0.0
+            bias[init.bias_ids] += init.bias_values
+            self._counts[init.slot] = Tensor(counts, device=self._counts.device)
+            self._bias[init.slot] = Tensor(bias, device=self._bias.device)
+
+    def slot_state(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, bias) rows of a slot, for tests."""
+        return self._counts[slot].numpy(), self._bias[slot].numpy()
 
     def captured(self) -> dict[tuple[int, int, bool], object]:
         """The captured graph of every (rows, tokens, filters) variant; None where not yet captured."""
@@ -269,6 +384,7 @@ class ModelRunner:
         for filters in (False, True):
             dummy = self.dummy_batch(B, T)
             dummy.top_k[:] = 5 if filters else 0
+            dummy.logprobs = filters
             for _ in range(3):
                 self.execute(dummy)
 

@@ -48,14 +48,21 @@ def _largest_passing(values: Tensor, lo: Tensor, hi: Tensor, passes) -> Tensor:
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor,
-           counters: Tensor, filters: bool = True) -> Tensor:
-    """Token ids (B,) int32. temperature <= 0 is greedy; top_k <= 0 and top_p >= 1 switch those filters off.
+           counters: Tensor, filters: bool = True, min_p: Tensor | None = None) -> Tensor:
+    """Token ids (B,) int32. temperature <= 0 is greedy; top_k <= 0 and top_p >= 1 switch those filters off;
+    min_p (B,) float (0: off) applies after temperature, before top-k/top-p, as in vLLM.
 
     filters=False leaves the top-k/top-p search out of the graph (a third of a small model's kernels); a row
-    with both filters off gets the same token either way, so the runner may pick whichever graph fits the batch."""
+    with both filters off gets the same token either way, so the runner may pick whichever graph fits the batch.
+    Logits may hold -inf (tokens a row may not emit)."""
     B, V = logits.shape
     greedy = (temperature <= 0).reshape(B, 1)
     scaled = logits.float() / greedy.where(1.0, temperature.reshape(B, 1).maximum(1e-6))
+    if min_p is not None:
+        # tokens a row may not emit (-inf: allowed ids, min_p) sit 1000 below its best token instead: never drawn
+        # (Gumbel noise spans about 20), and the top-k/top-p search keeps a finite range
+        scaled = apply_min_p(scaled, min_p)
+        scaled = scaled.maximum(scaled.max(-1, keepdim=True) - 1000.0)
     if filters:
         scaled = _top_k_top_p(scaled, top_k, top_p)
 
@@ -83,3 +90,52 @@ def _top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     cut = _largest_passing(probs, zero, pmax, lambda t: ((pvals >= t).where(pvals, 0).sum(-1) >= p))
     cut = (p >= 1.0).where(0.0, cut)
     return (probs >= cut).where(scaled, -float("inf"))
+
+
+# ---- the parameters beyond temperature/top-k/top-p (vLLM's meanings), in the graph that runs when a row asks ----
+PROMPT_FLAG = 1 << 20
+"""Per-slot token counts: output occurrences in the low 20 bits, plus PROMPT_FLAG once if the prompt holds it."""
+NUM_LOGPROBS = 20  # vLLM's cap on top alternatives per token
+
+
+def apply_bias_and_penalties(logits: Tensor, counts: Tensor, bias: Tensor, repetition: Tensor, presence: Tensor,
+                             frequency: Tensor) -> Tensor:
+    """vLLM's order: logit bias and the allowed-ids mask (-inf in `bias`), then the repetition penalty (prompt and
+    output tokens: positive logits divided, negative multiplied), then frequency (times the output count) and
+    presence (once per output token seen). counts (B, V) int32, bias (B, V) float32, penalties (B,)."""
+    B = logits.shape[0]
+    logits = logits.float() + bias
+    output = counts.bitwise_and(PROMPT_FLAG - 1)
+    rep = repetition.reshape(B, 1)
+    logits = (counts > 0).where((logits > 0).where(logits / rep, logits * rep), logits)
+    return logits - frequency.reshape(B, 1) * output.float() - presence.reshape(B, 1) * (output > 0).float()
+
+
+def apply_min_p(scaled: Tensor, min_p: Tensor) -> Tensor:
+    """Tokens whose probability (after temperature) is below min_p times the row's most likely one's: -inf."""
+    B = scaled.shape[0]
+    probs = scaled.softmax(-1)
+    return (probs < min_p.reshape(B, 1) * probs.max(-1, keepdim=True)).where(-float("inf"), scaled)
+
+
+def token_logprobs(logits: Tensor, chosen: Tensor, k: int = NUM_LOGPROBS) -> Tensor:
+    """(B, 2 + 2k) float32 per row: the chosen token's log-probability and rank (1 = the most likely; ties count
+    as ahead), then the ids of k most likely tokens and their log-probabilities, in no particular order (the host
+    sorts k values). Log-probabilities of the raw model output, as vLLM's default. No sort over the vocabulary:
+    the k-th largest value is found by the threshold search, then the ids at or above it are gathered by their
+    running count."""
+    B, V = logits.shape
+    lp = logits.float().log_softmax(-1)
+    mine = lp.gather(1, chosen.reshape(B, 1).cast(dtypes.int32))
+    rank = (lp >= mine).sum(-1, keepdim=True).float()
+    kk = Tensor.full((B, 1), min(k, V)).float()
+    vals = lp.reshape(B, 1, V)
+    lo, hi = lp.min(-1, keepdim=True), lp.max(-1, keepdim=True)
+    kth = _largest_passing(lp, lo, hi, lambda t: (vals >= t).sum(-1) >= kk)
+    keep = lp >= kth
+    order = keep.cast(dtypes.int32).cumsum(-1)  # 1, 2, ... at the kept ids
+    want = Tensor.arange(1, k + 1, dtype=dtypes.int32).reshape(1, k, 1)
+    hit = keep.reshape(B, 1, V) & (order.reshape(B, 1, V) == want)
+    ids = hit.where(Tensor.arange(V, dtype=dtypes.int32).reshape(1, 1, V), 0).sum(-1)  # (B, k)
+    top = lp.gather(1, ids)
+    return mine.cat(rank, ids.float(), top, dim=1)
