@@ -16,7 +16,8 @@ from shared.auth import RequireSecret
 from shared.service import SERVER_OPTIONS, add_health_and_reflection
 from tinyvllm.v1 import worker_pb2, worker_pb2_grpc
 from worker_svc.engine import WorkerEngine
-from worker_svc.runner import Batch, BatchError
+from worker_svc.runner import LOGPROB_COLS, Batch, BatchError, SlotInit
+from worker_svc.sampling import NUM_LOGPROBS
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,32 @@ def decode_request(req: worker_pb2.ExecuteRequest, width: int) -> Batch:
         counters=_array(req.counters, np.uint32, (B,), "counters"),
         num_steps=req.num_steps or 1,
         prev_rows=_prev_rows(req, B),
+        slots=_optional(req.slots, np.int32, B, "slots"),
+        min_p=_optional(req.min_p, np.float32, B, "min_p"),
+        repetition_penalty=_optional(req.repetition_penalty, np.float32, B, "repetition_penalty"),
+        presence_penalty=_optional(req.presence_penalty, np.float32, B, "presence_penalty"),
+        frequency_penalty=_optional(req.frequency_penalty, np.float32, B, "frequency_penalty"),
+        logprobs=req.logprobs,
+        slot_inits=[_slot_init(init) for init in req.slot_inits],
     )
+
+
+def _optional(data: bytes, dtype, B: int, name: str) -> np.ndarray | None:
+    return _array(data, dtype, (B,), name) if data else None
+
+
+def _ids(data: bytes, dtype, name: str) -> np.ndarray:
+    if len(data) % 4:
+        raise BatchError(f"slot_inits: {name} must be a whole number of 4-byte values")
+    return np.frombuffer(data, dtype=dtype).copy()
+
+
+def _slot_init(init: worker_pb2.SlotInit) -> SlotInit:
+    return SlotInit(slot=init.slot, prompt_ids=_ids(init.prompt_ids, np.int32, "prompt_ids"),
+                    output_ids=_ids(init.output_ids, np.int32, "output_ids"),
+                    bias_ids=_ids(init.bias_ids, np.int32, "bias_ids"),
+                    bias_values=_ids(init.bias_values, np.float32, "bias_values"),
+                    allowed_ids=_ids(init.allowed_ids, np.int32, "allowed_ids"))
 
 
 def _prev_rows(req: worker_pb2.ExecuteRequest, B: int) -> np.ndarray | None:
@@ -149,7 +175,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             max_steps_per_call=r.max_steps, tokenizer_model=e.tokenizer.model_bytes,
             tokenizer_json=e.tokenizer.json_bytes, add_bos_token=e.tokenizer.add_bos, bos_token_id=e.tokenizer.bos_id,
             eos_token_ids=e.tokenizer.eos_ids, instance_id=self.instance_id, chat_template=e.tokenizer.chat_template,
-            bos_token=e.tokenizer.bos_token, eos_token=e.tokenizer.eos_token)
+            bos_token=e.tokenizer.bos_token, eos_token=e.tokenizer.eos_token, num_sampling_slots=r.num_slots,
+            num_logprobs=NUM_LOGPROBS)
 
     def Execute(self, request, context) -> worker_pb2.ExecuteResponse:
         index = request.call_index
@@ -168,11 +195,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self.order.refuse(index)
                 raise
 
-            def run() -> tuple[np.ndarray, float]:
+            def run() -> tuple[np.ndarray, np.ndarray | None, float]:
                 t0 = time.perf_counter()
-                return runner.execute(batch), time.perf_counter() - t0
+                tokens = runner.execute(batch)
+                return tokens, runner.last_logprobs, time.perf_counter() - t0
 
-            tokens, elapsed = self.order.run(index, request.previous_call, run)
+            tokens, logprobs, elapsed = self.order.run(index, request.previous_call, run)
         except OutOfOrder as exc:
             context.abort(grpc.StatusCode.ABORTED, str(exc))
         except BatchError as exc:
@@ -180,8 +208,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except Exception as exc:  # a failure on the device: say so plainly, keep serving
             log.exception("Execute failed")
             context.abort(grpc.StatusCode.INTERNAL, f"worker failed to run the batch: {type(exc).__name__}: {exc}")
-        return worker_pb2.ExecuteResponse(token_ids=np.ascontiguousarray(tokens, np.int32).tobytes(),
-                                          device_seconds=elapsed)
+        assert logprobs is None or logprobs.shape[-1] == LOGPROB_COLS
+        return worker_pb2.ExecuteResponse(
+            token_ids=np.ascontiguousarray(tokens, np.int32).tobytes(), device_seconds=elapsed,
+            logprobs=b"" if logprobs is None else np.ascontiguousarray(logprobs, np.float32).tobytes())
 
 
 def serve(engine: WorkerEngine, host: str, port: int, secret: str) -> grpc.Server:
