@@ -15,7 +15,8 @@ from shared.service import setup_logging
 
 
 async def run(args: argparse.Namespace) -> None:
-    engine = Engine(args.worker, secret=resolve_secret(args.worker_secret))
+    engine = Engine(args.worker, secret=resolve_secret(args.worker_secret), max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens)
     await engine.start(connect_timeout_s=args.connect_timeout)
     limits = Limits(max_request_mb=args.max_request_mb, max_waiting=args.max_waiting, max_streams=args.max_streams)
     frontend = Frontend(engine, limits)
@@ -55,6 +56,11 @@ def main() -> None:
                     help="seconds streams get to finish on SIGTERM before they end with FINISH_REASON_ABORT")
     ap.add_argument("--worker-secret", default=None,
                     help="the worker's secret; default: $TINYVLLM_WORKER_SECRET, else ~/.cache/tinyvllm/worker-secret")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="sequences running at once (default and upper bound: the worker's largest decode bucket)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="tokens one worker call may compute (prefill chunks summed, one per decode row); default: "
+                         "the largest prefill bucket's rows x tokens")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     setup_logging(args.log_level)

@@ -43,6 +43,7 @@ class BlockManager:
         self._by_hash: dict[int, int] = {}
         self.prefix_queries = 0  # prompt tokens looked up by allocate_prompt (vLLM's prefix_cache_queries)
         self.prefix_hits = 0  # of those, tokens found in cached blocks
+        self.evictions = 0  # cached blocks overwritten for other contents (least recently used first)
 
     @property
     def total_blocks(self) -> int:
@@ -51,6 +52,15 @@ class BlockManager:
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Share of the blocks held by sequences (free blocks that still cache a prefix count as free)."""
+        return 1.0 - self.num_free / max(1, self.total_blocks)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -67,6 +77,7 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None and self._by_hash.get(block.hash) == block_id:
             del self._by_hash[block.hash]  # its cached contents are about to be overwritten
+            self.evictions += 1
         block.hash, block.tokens, block.ref_count = None, (), 1
         return block_id
 

@@ -70,12 +70,14 @@ class _Call:
 
 class Engine:
     def __init__(self, worker_address: str, execute_timeout_s: float = 600.0,
-                 pipeline_depth: int = PIPELINE_DEPTH, stream_steps: int = STREAM_STEPS, secret: str = ""):
+                 pipeline_depth: int = PIPELINE_DEPTH, stream_steps: int = STREAM_STEPS, secret: str = "",
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None):
         self.worker_address = worker_address
         self.metadata = call_metadata(secret)  # the worker serves only callers with its secret (shared/auth.py)
         self.execute_timeout_s = execute_timeout_s
         self.pipeline_depth = pipeline_depth  # 1: no pipelining (each call waits for the previous result)
         self.stream_steps = stream_steps
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.channel = grpc.aio.insecure_channel(worker_address, options=WORKER_CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
@@ -105,7 +107,9 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, list(info.decode_batch_sizes),
                                    [(s.rows, s.tokens) for s in info.prefill_shapes], info.max_steps_per_call,
                                    max_inflight=self.pipeline_depth, stream_steps=self.stream_steps,
-                                   call_base=random.getrandbits(48) << 8)  # never an earlier session's numbers
+                                   call_base=random.getrandbits(48) << 8,  # never an earlier session's numbers
+                                   num_slots=info.num_sampling_slots, max_num_seqs=self.max_num_seqs,
+                                   max_num_batched_tokens=self.max_num_batched_tokens)
         log.info("worker %s: %s on %s, %d KV blocks, buckets %s", self.worker_address, info.model_name,
                  info.device, info.num_kv_blocks - 1, list(info.decode_batch_sizes))
         self._task = asyncio.create_task(self._loop())
@@ -137,15 +141,13 @@ class Engine:
         """Tokens one sequence may hold: the context length, and what the KV pool can hold on its own."""
         return min(self.info.max_context, self.blocks.total_blocks * self.info.block_size)
 
-    def new_sequence(self, request_id: str, prompt_ids: list[int], sampling: Sampling) -> Sequence:
+    def new_sequence(self, request_id: str, prompt_ids: list[int], sampling: Sampling, priority: int = 0) -> Sequence:
+        """A validated request (scheduler_svc.validation) as a sequence."""
         if sampling.seed is None:
             sampling.seed = random.getrandbits(32)
-        seq = Sequence(request_id=request_id or uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling,
-                       max_length=self.max_length, detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                       table_width=self.info.block_table_width, eos_ids=self.tokenizer.eos_ids)
-        if seq.remaining <= 0:  # max_tokens == 0 is refused earlier; this is a prompt at the length limit
-            raise ValueError("the prompt leaves no room for new tokens")
-        return seq
+        return Sequence(request_id=request_id or uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling,
+                        max_length=self.max_length, detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                        table_width=self.info.block_table_width, eos_ids=self.tokenizer.eos_ids, priority=priority)
 
     def is_running(self, request_id: str) -> bool:
         return request_id in self._by_id
@@ -250,7 +252,9 @@ class Engine:
         self.stats.calls += 1
         self.stats.worker_seconds += response.device_seconds
         sampled = np.frombuffer(response.token_ids, dtype=np.int32).reshape(batch.rows, batch.num_steps)
-        updates = self.scheduler.postprocess(batch, sampled)
+        logprobs = (np.frombuffer(response.logprobs, dtype=np.float32).reshape(batch.rows, batch.num_steps, -1)
+                    if batch.logprobs and response.logprobs else None)
+        updates = self.scheduler.postprocess(batch, sampled, logprobs)
         self._send_ready()  # the worker gets its next call before the streams are fed
         for seq, delta in updates:
             self.stats.tokens += len(delta.token_ids)
@@ -265,29 +269,7 @@ class Engine:
             self._finish(seq)
 
     def _encode(self, batch: ScheduledBatch) -> worker_pb2.ExecuteRequest:
-        """Pads the planned batch to its bucket: padding rows have chunk_len 0 and a table of null blocks."""
-        B, T, n = batch.rows, batch.tokens, len(batch.seqs)
-        tokens = np.zeros((B, T), np.int32)
-        positions, chunk_lens, top_k = (np.zeros(B, np.int32) for _ in range(3))
-        temperature, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
-        seeds, counters = np.zeros(B, np.uint32), np.zeros(B, np.uint32)
-        prev_rows = np.full(B, -1, np.int32)
-        tables = np.zeros((B, self.info.block_table_width), np.int32)
-        for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
-            tokens[i, :len(batch.inputs[i])] = batch.inputs[i]
-            positions[i], chunk_lens[i], prev_rows[i] = batch.positions[i], length, batch.prev_rows[i]
-            s = seq.sampling
-            temperature[i], top_p[i], top_k[i], seeds[i] = s.temperature, s.top_p, s.top_k, s.seed
-            counters[i] = batch.counters[i]
-        if n:
-            tables[:n] = np.stack([seq.table_row for seq in batch.seqs])
-        fed = bool((prev_rows >= 0).any())
-        return worker_pb2.ExecuteRequest(
-            rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(), positions=positions.tobytes(),
-            chunk_lens=chunk_lens.tobytes(), block_tables=tables.tobytes(), temperature=temperature.tobytes(),
-            top_p=top_p.tobytes(), top_k=top_k.tobytes(), seeds=seeds.tobytes(), counters=counters.tobytes(),
-            instance_id=self.info.instance_id, call_index=batch.call_index, previous_call=batch.previous_call,
-            previous_rows=prev_rows.tobytes() if fed else b"")
+        return encode_batch(batch, self.info.block_table_width, self.info.instance_id)
 
     async def _recover(self, failed: _Call, exc: grpc.aio.AioRpcError) -> None:
         """The worker failed mid-call: recompute every running sequence, on the same or a restarted worker. The
@@ -325,5 +307,51 @@ class Engine:
             worker_calls=s.calls, worker_call_seconds=s.wall_seconds, worker_busy_seconds=s.worker_seconds,
             generated_tokens=s.tokens, preemptions=self.scheduler.num_preemptions, worker_restarts=self.restarts,
             prompt_tokens=s.prompt_tokens, prefix_cache_queries=self.blocks.prefix_queries,
-            prefix_cache_hits=self.blocks.prefix_hits, finished_requests=s.finished)
+            prefix_cache_hits=self.blocks.prefix_hits, finished_requests=s.finished,
+            prefix_cache_evictions=self.blocks.evictions)
 
+
+def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> worker_pb2.ExecuteRequest:
+    """Pads the planned batch to its bucket: padding rows have chunk_len 0 and a table of null blocks."""
+    B, T, n = batch.rows, batch.tokens, len(batch.seqs)
+    tokens = np.zeros((B, T), np.int32)
+    positions, chunk_lens, top_k = (np.zeros(B, np.int32) for _ in range(3))
+    temperature, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
+    seeds, counters = np.zeros(B, np.uint32), np.zeros(B, np.uint32)
+    prev_rows = np.full(B, -1, np.int32)
+    tables = np.zeros((B, table_width), np.int32)
+    extras = any(seq.slot or seq.sampling.min_p for seq in batch.seqs)
+    if extras:
+        slots, min_p, presence, frequency = (np.zeros(B, dt) for dt in (np.int32, *[np.float32] * 3))
+        repetition = np.ones(B, np.float32)
+    for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
+        tokens[i, :len(batch.inputs[i])] = batch.inputs[i]
+        positions[i], chunk_lens[i], prev_rows[i] = batch.positions[i], length, batch.prev_rows[i]
+        s = seq.sampling
+        temperature[i], top_p[i], top_k[i], seeds[i] = s.temperature, s.top_p, s.top_k, s.seed
+        counters[i] = batch.counters[i]
+        ids = seq.blocks.block_ids  # the block table's one home: the sequence's block list
+        tables[i, :len(ids)] = ids
+        if extras:
+            slots[i], min_p[i] = batch.slots[i], s.min_p
+            repetition[i], presence[i], frequency[i] = s.repetition_penalty, s.presence_penalty, s.frequency_penalty
+    fed = bool((prev_rows >= 0).any())
+    request = worker_pb2.ExecuteRequest(
+        rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(), positions=positions.tobytes(),
+        chunk_lens=chunk_lens.tobytes(), block_tables=tables.tobytes(), temperature=temperature.tobytes(),
+        top_p=top_p.tobytes(), top_k=top_k.tobytes(), seeds=seeds.tobytes(), counters=counters.tobytes(),
+        instance_id=instance_id, call_index=batch.call_index, previous_call=batch.previous_call,
+        previous_rows=prev_rows.tobytes() if fed else b"", logprobs=batch.logprobs)
+    if extras:
+        request.slots, request.min_p = slots.tobytes(), min_p.tobytes()
+        request.repetition_penalty, request.presence_penalty = repetition.tobytes(), presence.tobytes()
+        request.frequency_penalty = frequency.tobytes()
+    for seq in batch.slot_inits:
+        s = seq.sampling
+        request.slot_inits.add(
+            slot=seq.slot, prompt_ids=np.asarray(seq.prompt_ids, np.int32).tobytes(),
+            output_ids=np.asarray(seq.output_ids, np.int32).tobytes(),
+            bias_ids=np.asarray(s.logit_bias[0], np.int32).tobytes(),
+            bias_values=np.asarray(s.logit_bias[1], np.float32).tobytes(),
+            allowed_ids=np.asarray(s.allowed_token_ids, np.int32).tobytes())
+    return request

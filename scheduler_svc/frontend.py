@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
+from scheduler_svc import validation
 from scheduler_svc.chat import ChatTemplateError
 from scheduler_svc.engine import FINISH_NAMES, Engine
 from scheduler_svc.metrics import EngineCollector, RequestMetrics
-from scheduler_svc.sequence import Sampling, Sequence
+from scheduler_svc.sequence import Sequence
 from tinyvllm.v1 import scheduler_pb2
 
 log = logging.getLogger(__name__)
@@ -32,38 +31,6 @@ class RequestError(Exception):
 
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def sampling_from_proto(p: scheduler_pb2.SamplingParams) -> Sampling:
-    """Applies vLLM's defaults to unset fields and rejects values no sampler can honour."""
-    s = Sampling()
-    if p.HasField("max_tokens"):
-        if p.max_tokens < 1:
-            raise _invalid("max_tokens must be at least 1")
-        s.max_tokens = p.max_tokens
-    if p.HasField("temperature"):
-        if not (p.temperature >= 0 and math.isfinite(p.temperature)):
-            raise _invalid("temperature must be a finite number >= 0")
-        s.temperature = p.temperature
-    if p.HasField("top_p"):
-        if not 0 < p.top_p <= 1:
-            raise _invalid("top_p must be in (0, 1]")
-        s.top_p = p.top_p
-    if p.HasField("top_k"):
-        if p.top_k < -1:
-            raise _invalid("top_k must be -1 or 0 (off) or a positive count")
-        s.top_k = max(0, p.top_k)
-    if p.HasField("seed"):
-        s.seed = (p.seed ^ (p.seed >> 32)) & 0xFFFFFFFF
-    if any(not stop for stop in p.stop):
-        raise _invalid("stop strings must not be empty")
-    s.stop = tuple(p.stop)
-    s.stop_token_ids = frozenset(p.stop_token_ids)
-    s.ignore_eos = p.ignore_eos
-    s.min_tokens = p.min_tokens
-    if s.min_tokens > s.max_tokens:
-        raise _invalid("min_tokens must not exceed max_tokens")
-    return s
 
 
 @dataclass
@@ -107,17 +74,13 @@ class Frontend:
             except ChatTemplateError as exc:
                 raise _invalid(str(exc)) from exc
             ids = engine.tokenizer.encode_rendered(text)
-        else:
-            array = np.asarray(request.prompt_token_ids.ids, dtype=np.int64)
-            vocab = engine.info.vocab_size
-            if array.size and (array.min() < 0 or array.max() >= vocab):
-                raise _invalid(f"prompt_token_ids must be in [0, {vocab})")
-            ids = array.tolist()
-        if not ids:
-            raise _invalid("the prompt is empty")
-        limit = engine.max_length
-        if len(ids) >= limit:
-            raise _invalid(f"the prompt has {len(ids)} tokens; at most {limit - 1} fit with one new token")
+        limits = validation.ModelLimits(vocab_size=engine.info.vocab_size, max_length=engine.max_length)
+        try:
+            if which == "prompt_token_ids":
+                ids = validation.prompt_token_ids(request.prompt_token_ids.ids, limits)
+            validation.prompt_length(ids, limits)
+        except validation.InvalidRequest as exc:
+            raise _invalid(str(exc)) from exc
         return ids
 
     async def start(self, request: scheduler_pb2.GenerateRequest) -> "RequestStream":
@@ -133,14 +96,15 @@ class Frontend:
                                "retry later")
         self.streams += 1  # counted from here: requests being tokenized are open streams too
         try:
-            sampling = sampling_from_proto(request.params)
-            if any(not 0 <= i < self.engine.info.vocab_size for i in sampling.stop_token_ids):
-                raise _invalid("stop_token_ids must be valid token ids")
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
-            try:
-                seq = self.engine.new_sequence(request.request_id, prompt_ids, sampling)
-            except ValueError as exc:
+            limits = validation.ModelLimits(vocab_size=self.engine.info.vocab_size,
+                                            max_length=self.engine.max_length)
+            try:  # every field of the request is checked in scheduler_svc.validation
+                sampling = validation.sampling(request.params, limits)
+                priority = validation.priority(request)
+            except validation.InvalidRequest as exc:
                 raise _invalid(str(exc)) from exc
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+            seq = self.engine.new_sequence(request.request_id, prompt_ids, sampling, priority)
             if self.engine.is_running(seq.request_id):
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"request_id {seq.request_id!r} is already running")

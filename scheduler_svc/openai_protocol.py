@@ -1,5 +1,5 @@
 """OpenAI request bodies (pydantic) and their mapping onto the gRPC GenerateRequest, so the HTTP API has no
-validator of its own: what the fields mean is checked once, in frontend.sampling_from_proto.
+validator of its own: what the fields mean is checked once, in scheduler_svc.validation.
 
 Fields OpenAI defines that tinyvllm cannot honour (n > 1, logprobs, penalties, logit_bias, echo, suffix, best_of,
 tools) are refused with a 400 that names them, rather than silently ignored; fields it does not know are ignored,
@@ -54,7 +54,7 @@ class _SamplingRequest(BaseModel):
             raise Unsupported("stream_options is only allowed with stream: true")
 
     def sampling_params(self, max_tokens: int | None) -> scheduler_pb2.SamplingParams:
-        """The same fields as the gRPC API; range checks happen there (frontend.sampling_from_proto)."""
+        """The same fields as the gRPC API; range checks happen there (scheduler_svc.validation)."""
         self._check_supported()
         p = scheduler_pb2.SamplingParams()
         if max_tokens is not None:

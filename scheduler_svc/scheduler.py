@@ -17,6 +17,7 @@ K/V whose call has returned. A preemption never takes a sequence that a call in 
 """
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scheduler_svc.block_manager import BlockManager, NoFreeBlocks
-from scheduler_svc.sequence import Delta, Sequence, Status
+from scheduler_svc.sequence import Delta, Logprob, Sequence, Status
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class ScheduledBatch:
     new_tokens: list[int] = field(default_factory=list)  # tokens the row samples that the sequence keeps
     call_index: int = 0  # numbers the scheduler's calls, 1, 2, ...
     previous_call: int = 0  # the call in flight this one follows, 0 if none
+    slots: list[int] = field(default_factory=list)  # the row's sampling slot, 0 if none or its sample is dropped
+    slot_inits: list[Sequence] = field(default_factory=list)  # sequences whose slot this call fills first
+    logprobs: bool = False  # some row wants its tokens' logprobs
 
     @property
     def is_prefill(self) -> bool:
@@ -72,13 +76,19 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, blocks: BlockManager, decode_batch_sizes: list[int], prefill_shapes: list[tuple[int, int]],
                  max_steps: int, max_inflight: int = PIPELINE_DEPTH, stream_steps: int = STREAM_STEPS,
-                 join_steps: int = JOIN_STEPS, call_base: int = 0):
+                 join_steps: int = JOIN_STEPS, call_base: int = 0, num_slots: int | None = None,
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None):
         self.blocks = blocks
         self.decode_batch_sizes = sorted(decode_batch_sizes)
-        self.max_running = self.decode_batch_sizes[-1]
+        # per-call budgets (vLLM's flags): sequences running at once, and tokens one call may compute
+        self.max_running = min(max_num_seqs or self.decode_batch_sizes[-1], self.decode_batch_sizes[-1])
         # a 1-token chunk is a decode bucket of the same rows
         self.prefill_shapes = sorted({*prefill_shapes, *((b, 1) for b in self.decode_batch_sizes)},
                                      key=lambda s: (s[1], s[0]))
+        self.max_batched_tokens = max_num_batched_tokens or max(b * t for b, t in self.prefill_shapes)
+        # the worker's sampling slots 1 .. num_slots - 1 (penalty counts, logit bias), one per running sequence
+        # that needs one
+        self.free_slots = list(range(1, (self.max_running + 1 if num_slots is None else num_slots)))
         self.max_steps = max_steps  # the worker's bound on steps per call
         self.stream_steps = min(stream_steps, max_steps)
         self.join_steps = min(join_steps, max_steps)
@@ -96,8 +106,22 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._enqueue(seq)
         self._calls_since_arrival = 0
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Into the waiting queue in scheduling order (priority, then arrival)."""
+        if not self.waiting or self.waiting[-1].order <= seq.order:
+            self.waiting.append(seq)
+        else:
+            self.waiting.insert(bisect.bisect_right([s.order for s in self.waiting], seq.order), seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Returns what a sequence holds that no call in flight uses any more: its blocks and its slot."""
+        self.blocks.release(seq.blocks)
+        if seq.slot:
+            self.free_slots.append(seq.slot)
+            seq.slot, seq.slot_ready = 0, False
 
     def remove(self, seq: Sequence) -> None:
         """Takes a sequence out (finished or aborted); its blocks are returned now, or when the last call in
@@ -108,8 +132,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         if not seq.inflight_calls:
-            self.blocks.release(seq.blocks)
-            seq.sync_table_row()
+            self._release(seq)
 
     # ---- policy -------------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
@@ -148,7 +171,9 @@ class Scheduler:
                 seq.num_computed = seq.blocks.num_cached_tokens
                 if not seq.output_ids:  # reported for the admission that produces the first token
                     seq.cached_prompt_tokens = seq.num_computed
-            first_chunk = min(seq.num_pending, self.prefill_shapes[-1][1])
+            first_chunk = min(seq.num_pending, self.prefill_shapes[-1][1], self.max_batched_tokens)
+            if seq.sampling.needs_slot and not seq.slot and not self.free_slots:
+                break  # every slot is taken by a running sequence: it joins when one leaves
             if not self.blocks.can_grow(seq.blocks, seq.num_computed + first_chunk):
                 # nothing running will free blocks: take back what other waiting sequences hold and retry
                 if self.running or not self._release_waiting(keep=seq):
@@ -156,6 +181,8 @@ class Scheduler:
                 continue
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            if seq.sampling.needs_slot and not seq.slot:
+                seq.slot, seq.slot_ready = self.free_slots.pop(), False
             self.running.append(seq)
 
     def _prefill_batch(self, seqs: list[Sequence]) -> ScheduledBatch | None:
@@ -168,15 +195,18 @@ class Scheduler:
         n = min(len(seqs), max_rows_any, row_options[-1])
         rows = next(b for b in row_options if b >= n)
         chosen, lens = [], []
+        budget = self.max_batched_tokens
         for seq in seqs[:n]:
-            chunk = min(seq.num_pending, tokens)
+            chunk = min(seq.num_pending, tokens, budget)
+            if chunk <= 0:
+                break
             try:
                 self.blocks.grow(seq.blocks, seq.planned_computed + chunk)
             except NoFreeBlocks:
                 continue
-            seq.sync_table_row()
             chosen.append(seq)
             lens.append(chunk)
+            budget -= chunk
         if not chosen:
             self._preempt_youngest()
             return None
@@ -192,6 +222,8 @@ class Scheduler:
         steps = max(1, min(self._call_steps(), max(s.remaining_to_schedule for s in seqs)))
         ready: list[Sequence] = []
         for seq in seqs:
+            if len(ready) >= self.max_batched_tokens:
+                break
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an older one
             # positions written: planned_len - 1 ... planned_len + steps - 2, within the sequence's limit
@@ -207,7 +239,6 @@ class Scheduler:
             if seq.status is not Status.RUNNING or not placed:
                 continue
             self.blocks.grow(seq.blocks, need)
-            seq.sync_table_row()
             ready.append(seq)
         if not ready:
             return None
@@ -215,14 +246,15 @@ class Scheduler:
         return ScheduledBatch(ready, rows, 1, [1] * len(ready), num_steps=steps)
 
     def _preempt_youngest(self, spare: list[Sequence] = ()) -> bool:
-        """Frees blocks: first the prefix-cache references a waiting sequence holds, then the blocks of the most
-        recently admitted running sequence not in `spare`. False if there was nothing to free."""
+        """Frees blocks: first the prefix-cache references a waiting sequence holds, then the blocks of the running
+        sequence not in `spare` that comes last in scheduling order (the highest priority value, then the latest
+        arrival). False if there was nothing to free."""
         if self._release_waiting():
             return True
         victims = [s for s in self.running if s not in spare and not s.inflight_calls]
         if not victims:
             return False
-        self._preempt(victims[-1])
+        self._preempt(max(victims, key=lambda s: s.order))
         return True
 
     def _preempt(self, victim: Sequence) -> None:
@@ -236,7 +268,6 @@ class Scheduler:
         holding = [s for s in self.waiting if s.blocks.block_ids and s is not keep]
         for seq in holding:
             self.blocks.release(seq.blocks)
-            seq.sync_table_row()
             seq.num_computed = 0
         return bool(holding)
 
@@ -250,11 +281,11 @@ class Scheduler:
         self.running.clear()
 
     def _requeue(self, seq: Sequence) -> None:
-        """Back to the front of the queue holding no blocks; its tokens are prefilled again when admitted."""
-        self.blocks.release(seq.blocks)
-        seq.sync_table_row()
+        """Back to the queue (ahead of later arrivals of its priority) holding no blocks nor slot; its tokens are
+        prefilled again when admitted."""
+        self._release(seq)
         seq.reset_for_recompute()
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
 
     # ---- calls in flight ---------------------------------------------------------------------------------------
     def _launch(self, batch: ScheduledBatch) -> None:
@@ -265,6 +296,10 @@ class Scheduler:
         previous = self.inflight[-1] if self.inflight else None
         batch.previous_call = previous.call_index if previous else 0
         for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
+            if seq.slot and not seq.slot_ready:
+                batch.slot_inits.append(seq)
+                seq.slot_ready = True
+            batch.logprobs |= seq.sampling.logprobs is not None
             start = seq.planned_computed
             batch.positions.append(start)
             batch.counters.append(len(seq.output_ids) + seq.inflight_tokens)
@@ -279,6 +314,7 @@ class Scheduler:
                 batch.prev_rows.append(-1)
             samples = batch.num_steps if not batch.is_prefill else int(start + length == seq.planned_len)
             batch.new_tokens.append(samples)
+            batch.slots.append(seq.slot if samples else 0)
             seq.inflight_tokens += samples
             seq.inflight_computed += batch.written(i)
             seq.inflight_calls += 1
@@ -296,13 +332,14 @@ class Scheduler:
         if seq.feed is not None and seq.feed[0] == batch.call_index:
             seq.feed = None
         if seq.status is Status.FINISHED and not seq.inflight_calls:
-            self.blocks.release(seq.blocks)
-            seq.sync_table_row()
+            self._release(seq)
         return seq
 
-    def postprocess(self, batch: ScheduledBatch, sampled: np.ndarray) -> list[tuple[Sequence, Delta]]:
-        """Applies the oldest call's sampled tokens, (rows, num_steps); returns what to stream to whom. Sequences
-        that finish leave the scheduler (their blocks once no call in flight uses them)."""
+    def postprocess(self, batch: ScheduledBatch, sampled: np.ndarray,
+                    logprobs: np.ndarray | None = None) -> list[tuple[Sequence, Delta]]:
+        """Applies the oldest call's sampled tokens, (rows, num_steps), and their logprobs (rows, num_steps,
+        2 + 2 k) if the call asked; returns what to stream to whom. Sequences that finish leave the scheduler
+        (their blocks once no call in flight uses them)."""
         assert self.inflight and self.inflight[0] is batch, "results must be applied in the order of the calls"
         self.inflight.popleft()
         out: list[tuple[Sequence, Delta]] = []
@@ -317,7 +354,9 @@ class Scheduler:
                 new = sampled[i, :batch.num_steps].tolist()
             delta = None
             if new:
-                delta = seq.append(new)
+                wanted = seq.sampling.logprobs
+                delta = seq.append(new, None if wanted is None or logprobs is None
+                                   else _logprobs(new, logprobs[i, :len(new)], wanted))
                 seq.num_computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
             # only K/V of calls that returned: a block is published once all its tokens were really written
             self.blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
@@ -332,5 +371,18 @@ class Scheduler:
         taken out of the plan, so the next call is planned from what really happened."""
         assert self.inflight and self.inflight[0] is batch, "calls must be settled in order"
         self.inflight.popleft()
+        for seq in batch.slot_inits:  # never filled: the next call that has the sequence fills the slot
+            seq.slot_ready = False
         for i in range(len(batch.seqs)):
             self._settle_row(batch, i)
+
+
+def _logprobs(tokens: list[int], rows: np.ndarray, k: int) -> list[Logprob]:
+    """Per step of one row, (2 + 2 K) floats from the worker: chosen logprob, rank, K ids, K logprobs (in no
+    order); the k most likely, most likely first (ties: lower id first)."""
+    K = (rows.shape[-1] - 2) // 2
+    ids, values = rows[:, 2:2 + K].astype(np.int64), rows[:, 2 + K:]
+    order = np.lexsort((ids, -values), axis=-1)[:, :k]
+    top_ids, top_values = np.take_along_axis(ids, order, -1).tolist(), np.take_along_axis(values, order, -1).tolist()
+    return [Logprob(token_id=t, logprob=float(r[0]), rank=int(r[1]), top=list(zip(i, v)))
+            for t, r, i, v in zip(tokens, rows, top_ids, top_values)]

@@ -6,7 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from scheduler_svc.block_manager import BlockTable
 from scheduler_svc.tokenizer import IncrementalDetokenizer
@@ -40,6 +39,29 @@ class Sampling:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     min_tokens: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, ...], tuple[float, ...]] = ((), ())  # (ids, values)
+    allowed_token_ids: tuple[int, ...] = ()  # empty: all
+    logprobs: int | None = None  # top alternatives per new token (0: the chosen token's only); None: off
+
+    @property
+    def needs_slot(self) -> bool:
+        """Whether the worker must keep state for the sequence (token counts for the penalties, its bias row)."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias[0] or self.allowed_token_ids)
+
+
+@dataclass
+class Logprob:
+    """One sampled token's log-probability, rank, and the top alternatives as (id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -50,6 +72,7 @@ class Delta:
     text: str
     finish: Finish = Finish.NONE
     stop_reason: str = ""
+    logprobs: list[Logprob] | None = None  # one per token id, when the request asked
 
 
 @dataclass(eq=False)  # identity semantics: sequences live in sets and lists
@@ -61,6 +84,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     table_width: int
     eos_ids: frozenset[int]
+    priority: int = 0  # lower runs first, then earlier arrival
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -79,10 +103,16 @@ class Sequence:
     inflight_computed: int = 0  # positions past num_computed whose K/V those calls will write
     inflight_calls: int = 0  # those calls with a row for this sequence: its blocks stay until they return
     feed: tuple[int, int] | None = None  # (call index, row) of the call in flight that samples its newest token
+    slot: int = 0  # the worker's sampling slot (penalty counts, logit bias) while running; 0: none
+    slot_ready: bool = False  # a call that fills the slot was sent (and not discarded)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)  # prompt + output, what the KV cache must hold
-        self.table_row = np.zeros(self.table_width, dtype=np.int32)  # the block table as the worker sees it
+
+    @property
+    def order(self) -> tuple[int, float]:
+        """Scheduling order: lower priority value first, then first come, first served."""
+        return (self.priority, self.arrival)
 
     # ---- progress ----------------------------------------------------------------------------------------------
     @property
@@ -115,11 +145,6 @@ class Sequence:
         """New tokens no call in flight will sample yet: what the next call may plan for."""
         return self.remaining - self.inflight_tokens
 
-    def sync_table_row(self) -> None:
-        ids = self.blocks.block_ids
-        self.table_row[:len(ids)] = ids
-        self.table_row[len(ids):] = 0
-
     def reset_for_recompute(self) -> None:
         """Preempted or worker lost: KV is gone, the tokens stay; they are prefilled again later."""
         self.num_computed = 0
@@ -127,7 +152,7 @@ class Sequence:
         self.num_preemptions += 1
 
     # ---- new tokens ---------------------------------------------------------------------------------------------
-    def append(self, new_ids: list[int]) -> Delta | None:
+    def append(self, new_ids: list[int], logprobs: list[Logprob] | None = None) -> Delta | None:
         """Accepts sampled ids up to the first that ends the sequence; returns what to stream (None if nothing).
 
         Ids are taken one at a time so that a multi-step call's tokens after a stop are discarded, exactly as if
@@ -150,7 +175,10 @@ class Sequence:
                 self.finish = Finish.STOP
             if self.finish:
                 break
-        return self._take_delta(accepted)
+        delta = self._take_delta(accepted)
+        if delta is not None and logprobs is not None:
+            delta.logprobs = logprobs[:len(accepted)]
+        return delta
 
     def _cut_at_stop_string(self, delta_len: int) -> bool:
         longest = max(map(len, self.sampling.stop))

@@ -37,7 +37,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             model_path=e.info.model_name, model_name=e.info.model_name, vocab_size=e.info.vocab_size,
             max_context=e.info.max_context, block_size=e.info.block_size, total_kv_blocks=e.blocks.total_blocks,
             free_kv_blocks=e.blocks.num_free, running_requests=running, waiting_requests=waiting,
-            device=e.info.device, decode_batch_sizes=list(e.info.decode_batch_sizes), stats=e.stats_proto())
+            device=e.info.device, decode_batch_sizes=list(e.info.decode_batch_sizes), stats=e.stats_proto(),
+            kv_cache_usage=e.blocks.usage, prefix_cache_hit_rate=e.blocks.hit_rate)
 
 
 async def serve(frontend: Frontend, host: str, port: int) -> tuple[grpc.aio.Server, int]:

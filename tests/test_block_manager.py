@@ -101,3 +101,35 @@ def test_reused_block_forgets_its_hash():
     probe = BlockTable()
     bm.allocate_prompt(probe, prompt)
     assert probe.num_cached_tokens == 0
+
+
+def test_cached_blocks_are_evicted_least_recently_used_and_only_when_needed():
+    """Released blocks keep their prefix until the pool needs them; the one released longest ago goes first, and a
+    hit makes a block recent again. Hit rate and evictions are counted; reference counts return to zero."""
+    bm = BlockManager(num_blocks=10, block_size=4)  # 9 usable
+    prompts = {name: [base + i for i in range(9)] for name, base in (("a", 100), ("b", 200), ("c", 300))}
+    tables = {}
+    for name, tokens in prompts.items():  # each: 2 full blocks cached, 3 blocks held
+        t = tables[name] = BlockTable()
+        bm.allocate_prompt(t, tokens)
+        bm.grow(t, len(tokens))
+        bm.register_full_blocks(t, tokens, len(tokens))
+    assert bm.num_free == 0
+    for name in ("a", "b"):
+        bm.release(tables[name])
+    assert bm.evictions == 0  # nothing overwritten while free blocks remain
+    hit = BlockTable()
+    bm.allocate_prompt(hit, prompts["a"])  # a's prefix becomes recently used again
+    assert hit.num_cached_tokens == 8
+    bm.release(hit)
+    fresh = BlockTable()
+    bm.grow(fresh, 4 * 4)  # 4 blocks: a's uncached tail, then all of b's (released before a's hit)
+    assert bm.evictions == 2
+    again_b, again_a = BlockTable(), BlockTable()
+    bm.allocate_prompt(again_b, prompts["b"])
+    bm.allocate_prompt(again_a, prompts["a"])
+    assert again_b.num_cached_tokens == 0 and again_a.num_cached_tokens == 8
+    assert 0 < bm.hit_rate < 1 and bm.prefix_hits == 16
+    for t in (again_a, again_b, fresh, tables["c"]):
+        bm.release(t)
+    assert all(b.ref_count == 0 for b in bm.blocks) and bm.num_free == bm.total_blocks

@@ -276,3 +276,58 @@ def test_decode_calls_are_short_while_requests_arrive():
                        max_steps=1, stream_steps=4)
     capped.add(seq(3, max_tokens=100))
     assert steps(capped, 7) == [0, 1, 1, 1, 1, 1, 1]
+
+
+# ---- priorities, budgets, sampling slots ---------------------------------------------------------------------------
+def prio_seq(rid: str, priority: int, n_prompt: int = 3, **sampling) -> Sequence:
+    return Sequence(rid, list(range(10, 10 + n_prompt)), Sampling(max_tokens=8, **sampling), max_length=256,
+                    detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset(), priority=priority)
+
+
+def test_priority_decides_admission_and_preemption_under_contention():
+    """Two rows: the lowest priority values run first (first come, first served among equals), and the running
+    sequence with the highest value is the one preempted."""
+    sched = Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1, 2],
+                      prefill_shapes=[(2, 8)], max_steps=1)
+    late_low, first_mid, urgent, second_mid = (prio_seq("late_low", 5), prio_seq("first_mid", 1),
+                                               prio_seq("urgent", -3), prio_seq("second_mid", 1))
+    for s in (late_low, first_mid, urgent, second_mid):
+        sched.add(s)
+    assert [s.request_id for s in sched.waiting] == ["urgent", "first_mid", "second_mid", "late_low"]
+    batch = sched.schedule()
+    assert batch.seqs == [urgent, first_mid]
+    finish_step(sched, batch)
+    assert sched._preempt_youngest() and first_mid.status is Status.WAITING  # the higher value goes first
+    assert sched.waiting[0] is first_mid  # and comes back ahead of later arrivals of its priority
+
+
+def test_budgets_cap_rows_and_tokens_per_call():
+    sched = Scheduler(BlockManager(num_blocks=40, block_size=4), decode_batch_sizes=[1, 2, 4],
+                      prefill_shapes=[(4, 8)], max_steps=1, max_num_seqs=3, max_num_batched_tokens=10)
+    seqs = [prio_seq(f"s{i}", 0, n_prompt=6) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()
+    assert len(sched.running) == 3 and sum(batch.chunk_lens) <= 10 and batch.chunk_lens == [6, 4]
+
+
+def test_sampling_slots_are_given_filled_once_and_returned():
+    sched = Scheduler(BlockManager(num_blocks=40, block_size=4), decode_batch_sizes=[1, 2],
+                      prefill_shapes=[(2, 8)], max_steps=2, num_slots=2)  # one slot
+    a, b, plain = (prio_seq("a", 0, repetition_penalty=1.2), prio_seq("b", 0, logit_bias=((5,), (1.0,))),
+                   prio_seq("plain", 0))
+    for s in (a, b, plain):
+        sched.add(s)
+    batch = sched.schedule()
+    assert batch.seqs == [a] and a.slot == 1 and batch.slot_inits == [a] and batch.slots == [1]
+    sched.discard(batch)  # never ran: the slot is filled again by the next call
+    batch = sched.schedule()
+    assert batch.slot_inits == [a]
+    finish_step(sched, batch)
+    batch = sched.schedule()
+    assert batch.slot_inits == [] and batch.slots == [1]
+    sched.remove(a)
+    finish_step(sched, batch)
+    assert sched.free_slots == [1] and a.slot == 0
+    batch = sched.schedule()
+    assert b in batch.seqs and b.slot == 1 and batch.slot_inits == [b]
