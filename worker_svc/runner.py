@@ -358,6 +358,8 @@ class ModelRunner:
             bias[init.bias_ids] += init.bias_values
             self._counts[init.slot] = Tensor(counts, device=self._counts.device)
             self._bias[init.slot] = Tensor(bias, device=self._bias.device)
+        if inits:  # now, not lazily: a pending write would be captured into (and replayed by) the next graph
+            Tensor.realize(self._counts, self._bias)
 
     def slot_state(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """(counts, bias) rows of a slot, for tests."""
