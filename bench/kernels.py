@@ -68,7 +68,8 @@ def empty_model(shape: str, num_blocks: int, max_context: int):
 
 def census(shape: str, decode_batch_sizes: list[int], prefill_shapes: list[tuple[int, int]],
            num_blocks: int = 1024, max_context: int = 2048, skip_prefill: bool = False) -> dict[str, dict]:
-    """Per captured graph (without top-k/top-p): kernel count, names, and how many use tensor-core instructions.
+    """Per captured graph (plain, and the full-sampling variant): kernel count, names, and how many use
+    tensor-core instructions.
     skip_prefill: capture the decode buckets only (the runner still needs a prefill shape to exist)."""
     from tinygrad.uop.ops import Ops
 
@@ -80,11 +81,14 @@ def census(shape: str, decode_batch_sizes: list[int], prefill_shapes: list[tuple
         if skip_prefill and T > 1:
             continue
         runner.capture(B, T)
-        calls = without_device_graphs(runner.captured()[(B, T, False)]._linear).src
-        programs = [c.src[0] for c in calls if c.src[0].op is Ops.PROGRAM]
-        names = Counter(ANSI.sub("", p.arg.name) for p in programs)
-        tensor_core = sum(1 for p in programs if "mma" in str(p.src[-1].arg) or "simdgroup_multiply" in str(p))
-        out[f"{B}x{T}"] = dict(kernels=len(programs), tensor_core_kernels=tensor_core, names=dict(names))
+        for full in (False, True):
+            calls = without_device_graphs(runner.captured()[(B, T, full)]._linear).src
+            programs = [c.src[0] for c in calls if c.src[0].op is Ops.PROGRAM]
+            names = Counter(ANSI.sub("", p.arg.name) for p in programs)
+            tensor_core = sum(1 for p in programs if "mma" in str(p.src[-1].arg) or "simdgroup_multiply" in str(p))
+            # the full graph: top-k/top-p, penalties, bias, min_p and logprobs (runs when a row asks for any)
+            out[f"{B}x{T}" + (" full sampling" if full else "")] = dict(
+                kernels=len(programs), tensor_core_kernels=tensor_core, names=dict(names))
     return out
 
 

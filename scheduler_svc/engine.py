@@ -312,29 +312,40 @@ class Engine:
 
 
 def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> worker_pb2.ExecuteRequest:
-    """Pads the planned batch to its bucket: padding rows have chunk_len 0 and a table of null blocks."""
+    """Pads the planned batch to its bucket: padding rows have chunk_len 0 and a table of null blocks. Column by
+    column from Python lists (one NumPy conversion per array, not one assignment per row and field)."""
     B, T, n = batch.rows, batch.tokens, len(batch.seqs)
+    samplings = [seq.sampling for seq in batch.seqs]
+
+    def column(values, dtype, fill=0) -> np.ndarray:
+        out = np.full(B, fill, dtype)
+        out[:n] = values
+        return out
+
     tokens = np.zeros((B, T), np.int32)
-    positions, chunk_lens, top_k = (np.zeros(B, np.int32) for _ in range(3))
-    temperature, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
-    seeds, counters = np.zeros(B, np.uint32), np.zeros(B, np.uint32)
-    prev_rows = np.full(B, -1, np.int32)
+    if T == 1:
+        tokens[:n, 0] = [inputs[0] for inputs in batch.inputs]
+    else:
+        for i, inputs in enumerate(batch.inputs):
+            tokens[i, :len(inputs)] = inputs
+    positions, chunk_lens = column(batch.positions, np.int32), column(batch.chunk_lens, np.int32)
+    prev_rows, counters = column(batch.prev_rows, np.int32, -1), column(batch.counters, np.uint32)
+    temperature = column([s.temperature for s in samplings], np.float32)
+    top_p = column([s.top_p for s in samplings], np.float32, 1.0)
+    top_k = column([s.top_k for s in samplings], np.int32)
+    seeds = column([s.seed for s in samplings], np.uint32)
+    # the block table's one home is the sequence's block list: each call's rows are built from it here
+    lengths = [len(seq.blocks.block_ids) for seq in batch.seqs]
     tables = np.zeros((B, table_width), np.int32)
+    if n:
+        tables[:n][np.arange(table_width) < np.array(lengths)[:, None]] = \
+            [b for seq in batch.seqs for b in seq.blocks.block_ids]
     extras = any(seq.slot or seq.sampling.min_p for seq in batch.seqs)
     if extras:
-        slots, min_p, presence, frequency = (np.zeros(B, dt) for dt in (np.int32, *[np.float32] * 3))
-        repetition = np.ones(B, np.float32)
-    for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
-        tokens[i, :len(batch.inputs[i])] = batch.inputs[i]
-        positions[i], chunk_lens[i], prev_rows[i] = batch.positions[i], length, batch.prev_rows[i]
-        s = seq.sampling
-        temperature[i], top_p[i], top_k[i], seeds[i] = s.temperature, s.top_p, s.top_k, s.seed
-        counters[i] = batch.counters[i]
-        ids = seq.blocks.block_ids  # the block table's one home: the sequence's block list
-        tables[i, :len(ids)] = ids
-        if extras:
-            slots[i], min_p[i] = batch.slots[i], s.min_p
-            repetition[i], presence[i], frequency[i] = s.repetition_penalty, s.presence_penalty, s.frequency_penalty
+        slots, min_p = column(batch.slots, np.int32), column([s.min_p for s in samplings], np.float32)
+        repetition = column([s.repetition_penalty for s in samplings], np.float32, 1.0)
+        presence = column([s.presence_penalty for s in samplings], np.float32)
+        frequency = column([s.frequency_penalty for s in samplings], np.float32)
     fed = bool((prev_rows >= 0).any())
     request = worker_pb2.ExecuteRequest(
         rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(), positions=positions.tobytes(),
