@@ -10,6 +10,7 @@ Scheduler (schedule, postprocess, discard); this module does the I/O.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -91,7 +92,7 @@ class Engine:
         self._broken = False  # a call failed: the calls after it are discarded, none is sent until all settled
         self._busy_since = 0.0
         self._task: asyncio.Task | None = None
-        self._by_id: dict[str, Sequence] = {}
+        self._by_id: dict[tuple[str, int], Sequence] = {}  # (request id, sample index)
         self.restarts = 0  # times a new worker instance was refilled
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -143,18 +144,33 @@ class Engine:
 
     def new_sequence(self, request_id: str, prompt_ids: list[int], sampling: Sampling, priority: int = 0) -> Sequence:
         """A validated request (scheduler_svc.validation) as a sequence."""
-        if sampling.seed is None:
-            sampling.seed = random.getrandbits(32)
-        return Sequence(request_id=request_id or uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling,
-                        max_length=self.max_length, detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                        table_width=self.info.block_table_width, eos_ids=self.tokenizer.eos_ids, priority=priority)
+        return self.new_sequences(request_id, prompt_ids, sampling, priority, 1)[0]
+
+    def new_sequences(self, request_id: str, prompt_ids: list[int], sampling: Sampling, priority: int = 0,
+                      n: int = 1) -> list[Sequence]:
+        """The request's n samples: sample i seeded seed + i (each a seed's own run), one stream (a shared
+        outbox), the later ones admitted after sample 0's prefill so that they share its prompt blocks."""
+        request_id = request_id or uuid.uuid4().hex
+        seed = random.getrandbits(32) if sampling.seed is None else sampling.seed
+        outbox: asyncio.Queue = asyncio.Queue()
+        seqs: list[Sequence] = []
+        arrival = time.monotonic()
+        for i in range(n):
+            s = dataclasses.replace(sampling, seed=(seed + i) & 0xFFFFFFFF)
+            seqs.append(Sequence(request_id=request_id, prompt_ids=prompt_ids, sampling=s, max_length=self.max_length,
+                                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                                 table_width=self.info.block_table_width, eos_ids=self.tokenizer.eos_ids,
+                                 priority=priority, index=i, leader=seqs[0] if seqs else None, arrival=arrival,
+                                 outbox=outbox))
+        return seqs
 
     def is_running(self, request_id: str) -> bool:
-        return request_id in self._by_id
+        return (request_id, 0) in self._by_id
 
     def submit(self, seq: Sequence) -> None:
-        self._by_id[seq.request_id] = seq
-        self.stats.prompt_tokens += len(seq.prompt_ids)
+        self._by_id[(seq.request_id, seq.index)] = seq
+        if seq.index == 0:
+            self.stats.prompt_tokens += len(seq.prompt_ids)
         self.scheduler.add(seq)
         self._wake.set()
 
@@ -172,8 +188,9 @@ class Engine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
-        if self._by_id.get(seq.request_id) is seq:  # the first time only: a finished sequence may be seen again
-            del self._by_id[seq.request_id]
+        key = (seq.request_id, seq.index)
+        if self._by_id.get(key) is seq:  # the first time only: a finished sequence may be seen again
+            del self._by_id[key]
             reason = FINISH_NAMES[seq.finish]
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 

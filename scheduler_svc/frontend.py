@@ -101,26 +101,30 @@ class Frontend:
             try:  # every field of the request is checked in scheduler_svc.validation
                 sampling = validation.sampling(request.params, limits)
                 priority = validation.priority(request)
+                n = validation.num_samples(request.params)
             except validation.InvalidRequest as exc:
                 raise _invalid(str(exc)) from exc
             prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
-            seq = self.engine.new_sequence(request.request_id, prompt_ids, sampling, priority)
+            seqs = self.engine.new_sequences(request.request_id, prompt_ids, sampling, priority, n)
+            seq = seqs[0]
             if self.engine.is_running(seq.request_id):
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"request_id {seq.request_id!r} is already running")
         except BaseException:
             self.streams -= 1
             raise
-        self.engine.submit(seq)
-        return RequestStream(self, seq)
+        for sample in seqs:
+            self.engine.submit(sample)
+        return RequestStream(self, seqs)
 
 
 class RequestStream:
-    """One admitted request's responses. close() (also at the end of iteration) aborts it if it has not finished
-    (the client went away), and accounts for it once: metrics and the one log line per request."""
+    """One admitted request's responses (its n samples share one outbox; each message names its sample's index).
+    close() (also at the end of iteration) aborts what has not finished (the client went away), and accounts for
+    the request once: metrics and the one log line per request."""
 
-    def __init__(self, frontend: Frontend, seq: Sequence):
-        self.frontend, self.seq = frontend, seq
+    def __init__(self, frontend: Frontend, seqs: list[Sequence]):
+        self.frontend, self.seqs, self.seq = frontend, seqs, seqs[0]
         self.first_token_at: float | None = None
         self.closed = False
 
@@ -129,26 +133,36 @@ class RequestStream:
         return self.seq.request_id
 
     async def __aiter__(self) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
-        seq = self.seq
+        running = len(self.seqs)
         try:
-            while True:
-                delta = await seq.outbox.get()
+            while running:
+                delta = await self.seq.outbox.get()
+                seq = self.seqs[delta.index]
                 if delta.token_ids and self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                 done = delta.finish != 0
                 response = scheduler_pb2.GenerateResponse(
                     request_id=seq.request_id, token_ids=delta.token_ids, text=delta.text,
-                    finish_reason=int(delta.finish))
+                    finish_reason=int(delta.finish), index=delta.index)
+                if delta.logprobs is not None:
+                    self._add_logprobs(response, delta.logprobs)
                 if done:
                     response.prompt_tokens = len(seq.prompt_ids)
                     response.completion_tokens = len(seq.output_ids)
                     response.stop_reason = delta.stop_reason
                     response.cached_prompt_tokens = seq.cached_prompt_tokens
+                    running -= 1
                 yield response
-                if done:
-                    return
         finally:
             self.close()
+
+    def _add_logprobs(self, response: scheduler_pb2.GenerateResponse, logprobs) -> None:
+        decode = self.frontend.engine.tokenizer.decode
+        for lp in logprobs:
+            entry = response.logprobs.add(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+                                          text=decode([lp.token_id]))
+            for rank, (token_id, value) in enumerate(lp.top, 1):
+                entry.top.add(token_id=token_id, logprob=value, rank=rank, text=decode([token_id]))
 
     def close(self) -> None:
         if self.closed:
@@ -156,8 +170,9 @@ class RequestStream:
         self.closed = True
         frontend, seq = self.frontend, self.seq
         frontend.streams -= 1
-        if not seq.finish:  # the client cancelled or disconnected
-            frontend.engine.abort(seq)
+        for sample in self.seqs:
+            if not sample.finish:  # the client cancelled or disconnected
+                frontend.engine.abort(sample)
         now = time.monotonic()
         reason = FINISH_NAMES[seq.finish]
         frontend.metrics.observe(seq.arrival, self.first_token_at, now, len(seq.output_ids), reason)

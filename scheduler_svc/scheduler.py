@@ -166,6 +166,8 @@ class Scheduler:
         """Moves waiting sequences to running while rows and blocks for their first chunk are free."""
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
+            if seq.waits_for_leader:
+                break  # its leader's first token is a call or two away
             if not seq.blocks.block_ids:
                 self.blocks.allocate_prompt(seq.blocks, seq.tokens)
                 seq.num_computed = seq.blocks.num_cached_tokens

@@ -73,6 +73,7 @@ class Delta:
     finish: Finish = Finish.NONE
     stop_reason: str = ""
     logprobs: list[Logprob] | None = None  # one per token id, when the request asked
+    index: int = 0  # the sample of the request (n > 1)
 
 
 @dataclass(eq=False)  # identity semantics: sequences live in sets and lists
@@ -85,6 +86,8 @@ class Sequence:
     table_width: int
     eos_ids: frozenset[int]
     priority: int = 0  # lower runs first, then earlier arrival
+    index: int = 0  # which of the request's n samples
+    leader: Sequence | None = None  # sample 0 of the request, whose prefill the others wait for (shared blocks)
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -110,9 +113,17 @@ class Sequence:
         self.tokens = list(self.prompt_ids)  # prompt + output, what the KV cache must hold
 
     @property
-    def order(self) -> tuple[int, float]:
-        """Scheduling order: lower priority value first, then first come, first served."""
-        return (self.priority, self.arrival)
+    def waits_for_leader(self) -> bool:
+        """A later sample of a request waits until sample 0 has its first token: its prompt's full blocks are then
+        in the prefix cache, and this sample's admission shares them instead of computing them again."""
+        lead = self.leader
+        return lead is not None and not lead.output_ids and lead.status is not Status.FINISHED
+
+    @property
+    def order(self) -> tuple[int, float, int]:
+        """Scheduling order: lower priority value first, then first come, first served (a request's samples in
+        index order, so sample 0 is always ahead of the samples that wait for it)."""
+        return (self.priority, self.arrival, self.index)
 
     # ---- progress ----------------------------------------------------------------------------------------------
     @property
@@ -206,8 +217,9 @@ class Sequence:
         self.emitted_chars = max(self.emitted_chars, end)
         if not accepted and not text and not self.finish:
             return None
-        return Delta(token_ids=accepted, text=text, finish=self.finish, stop_reason=self.stop_reason)
+        return Delta(token_ids=accepted, text=text, finish=self.finish, stop_reason=self.stop_reason,
+                     index=self.index)
 
     def abort(self, reason: str = "") -> Delta:
         self.finish, self.stop_reason = Finish.ABORT, reason
-        return Delta(token_ids=[], text="", finish=Finish.ABORT, stop_reason=reason)
+        return Delta(token_ids=[], text="", finish=Finish.ABORT, stop_reason=reason, index=self.index)

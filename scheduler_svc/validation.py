@@ -15,6 +15,7 @@ from tinyvllm.v1 import scheduler_pb2
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
+MAX_N = 64
 
 
 class InvalidRequest(ValueError):
@@ -93,9 +94,13 @@ def sampling(p: scheduler_pb2.SamplingParams, limits: ModelLimits) -> Sampling:
         s.logprobs = p.logprobs
     if p.HasField("prompt_logprobs"):
         raise InvalidRequest("prompt_logprobs is not supported by this server yet")
-    if p.HasField("n") and p.n != 1:
-        raise InvalidRequest(f"n must be 1 (several samples per request are not supported yet), got {p.n}")
     return s
+
+
+def num_samples(p: scheduler_pb2.SamplingParams) -> int:
+    if p.HasField("n") and not 1 <= p.n <= MAX_N:
+        raise InvalidRequest(f"n must be in [1, {MAX_N}], got {p.n}")
+    return p.n if p.HasField("n") else 1
 
 
 def prompt_token_ids(ids, limits: ModelLimits) -> list[int]:
