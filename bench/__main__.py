@@ -62,10 +62,14 @@ def print_table(report: dict) -> None:
     print(f"measured bandwidth: {report['bandwidth_gbs']:.0f} GB/s (probes: {probes}); "
           f"weights {report['weight_bytes'] / 1e9:.3f} GB")
     print("\nworker only (no gRPC), decode at context 256:")
-    print(f"{'rows':>5} {'step ms':>9} {'tok/s':>10} {'kernels':>8} {'(top-k/p)':>9}")
+    print(f"{'rows':>5} {'step ms':>9} {'tok/s':>10} {'kernels':>8} {'(full)':>9} {'full ms':>9}")
     for d in report["worker"]["decode"]:
         print(f"{d['rows']:>5} {d['step_ms']:>9.3f} {d['tok_s']:>10.1f} {d['kernels_per_step']:>8} "
-              f"{d['kernels_per_step_top_k_p']:>9}")
+              f"{d['kernels_per_step_top_k_p']:>9} {d.get('step_ms_penalties_logprobs', 0):>9.3f}")
+    if report.get("host"):
+        from bench.host import print_rows
+
+        print_rows(report["host"])
     for p in report["worker"]["prefill"]:
         print(f"prefill {p['rows']}x{p['tokens']}: {p['ms']:.2f} ms, {p['tok_s']:.0f} tok/s, {p['kernels']} kernels")
     print("\nthrough gRPC (scheduler + worker):")
@@ -190,6 +194,9 @@ def main() -> None:
     if a:
         report["floor"] = floor_fraction(a, report["weight_bytes"], kv_per_token, report["bandwidth_gbs"])
 
+    from bench import host
+
+    report["host"] = host.measure_all((ckpt / "tokenizer.model").read_bytes())
     report["peers"] = run_peers(args, str(ckpt))
     print_table(report)
     path = out_dir / f"bench-{args.shape}-{Device.DEFAULT.lower()}.json"

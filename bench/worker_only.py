@@ -82,6 +82,17 @@ def real_batch(runner: ModelRunner, rows: int, tokens: int, context: int, steps:
     return b
 
 
+def with_penalties_and_logprobs(batch: Batch) -> Batch:
+    """The batch with every row asking for repetition and frequency penalties and logprobs: the full-sampling
+    graph, each row on its own sampling slot."""
+    rows = batch.token_ids.shape[0]
+    batch.slots = np.arange(1, rows + 1, dtype=np.int32)
+    batch.repetition_penalty = np.full(rows, 1.1, np.float32)
+    batch.frequency_penalty = np.full(rows, 0.2, np.float32)
+    batch.logprobs = True
+    return batch
+
+
 def median_seconds(runner: ModelRunner, batch: Batch, repeats: int) -> float:
     """Median wall time of a call after one untimed call; execute() returns only once the device is done."""
     runner.execute(batch)
@@ -101,7 +112,10 @@ def measure(engine: WorkerEngine, context: int = 256, repeats: int = 5) -> dict:
         if rows * blocks_per_row(runner, context, steps) >= runner.model.cache.num_blocks:
             continue  # not enough KV blocks for this many rows at this context
         step = median_seconds(runner, real_batch(runner, rows, 1, context, steps), repeats) / steps
+        full = median_seconds(runner, with_penalties_and_logprobs(real_batch(runner, rows, 1, context, steps)),
+                              repeats) / steps
         out["decode"].append(dict(rows=rows, context=context, step_ms=step * 1e3, tok_s=rows / step,
+                                  step_ms_penalties_logprobs=full * 1e3,
                                   kernels_per_step=runner.kernels_per_step(rows, 1, filters=False),
                                   kernels_per_step_top_k_p=runner.kernels_per_step(rows, 1, filters=True)))
     for rows, tokens in runner.prefill_shapes:
