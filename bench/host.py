@@ -44,7 +44,7 @@ def measure(tokenizer_model: bytes, running: int, steps: int = 300, prompt_len: 
         if extras:
             sampling.repetition_penalty, sampling.frequency_penalty, sampling.logprobs = 1.1, 0.2, 5
         sched.add(Sequence(f"r{i}", prompt, sampling, max_length=10 ** 6,
-                           detokenizer=IncrementalDetokenizer(tok, prompt), table_width=width, eos_ids=tok.eos_ids))
+                           detokenizer=IncrementalDetokenizer(tok, prompt), eos_ids=tok.eos_ids))
 
     def step() -> tuple[bool, float]:
         t0 = time.perf_counter()

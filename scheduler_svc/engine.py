@@ -159,7 +159,7 @@ class Engine:
             s = dataclasses.replace(sampling, seed=(seed + i) & 0xFFFFFFFF)
             seqs.append(Sequence(request_id=request_id, prompt_ids=prompt_ids, sampling=s, max_length=self.max_length,
                                  detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                                 table_width=self.info.block_table_width, eos_ids=self.tokenizer.eos_ids,
+                                 eos_ids=self.tokenizer.eos_ids,
                                  priority=priority, index=i, leader=seqs[0] if seqs else None, arrival=arrival,
                                  outbox=outbox))
         return seqs

@@ -83,7 +83,6 @@ class Sequence:
     sampling: Sampling
     max_length: int  # prompt + output may not exceed this (context length, KV capacity)
     detokenizer: IncrementalDetokenizer
-    table_width: int
     eos_ids: frozenset[int]
     priority: int = 0  # lower runs first, then earlier arrival
     index: int = 0  # which of the request's n samples

@@ -16,7 +16,7 @@ class NullDetokenizer:
 
 def seq(n_prompt: int, max_tokens: int = 8, rid: str = "r") -> Sequence:
     return Sequence(rid, list(range(10, 10 + n_prompt)), Sampling(max_tokens=max_tokens), max_length=256,
-                    detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset())
+                    detokenizer=NullDetokenizer(), eos_ids=frozenset())
 
 
 def finish_step(sched: Scheduler, batch, token: int = 5) -> None:
@@ -97,7 +97,7 @@ def test_cached_prefix_held_by_a_waiting_request_never_stalls_decode():
     sched.remove(cached)  # its 4 full blocks stay cached in the free list
 
     runner = Sequence("runner", list(range(500, 515)), Sampling(max_tokens=20), max_length=256,
-                      detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset())
+                      detokenizer=NullDetokenizer(), eos_ids=frozenset())
     sched.add(runner)
     finish_step(sched, sched.schedule())  # 15 prompt tokens + 1 new: 4 blocks
     waiting = seq(18, rid="waiting")  # shares the cached 16-token prefix
@@ -119,7 +119,7 @@ def test_waiting_requests_holding_blocks_do_not_block_admission():
     blocks.allocate_prompt(b.blocks, b.tokens)
     sched.waiting.append(b)  # as if it had been looked at for admission before
     c = Sequence("c", list(range(700, 715)), Sampling(), max_length=256, detokenizer=NullDetokenizer(),
-                 table_width=16, eos_ids=frozenset())  # 15 tokens: all 4 blocks
+                 eos_ids=frozenset())  # 15 tokens: all 4 blocks
     sched.waiting.appendleft(c)  # e.g. a preempted sequence goes back to the front
     batch = sched.schedule()
     assert batch is not None and batch.seqs == [c]
@@ -189,7 +189,7 @@ def test_a_sequence_that_stops_keeps_its_blocks_until_its_last_call_returns():
     sched = Scheduler(BlockManager(num_blocks=13, block_size=4), decode_batch_sizes=[1, 2],
                       prefill_shapes=[(1, 8)], max_steps=4, stream_steps=2, join_steps=2)
     s = Sequence("stop", list(range(10, 16)), Sampling(max_tokens=20, stop_token_ids=frozenset({99})),
-                 max_length=256, detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset())
+                 max_length=256, detokenizer=NullDetokenizer(), eos_ids=frozenset())
     sched.add(s)
     first, second = sched.schedule(), sched.schedule()
     sched.postprocess(first, result(first, [[99]]))  # the first token stops it; the second call still runs
@@ -281,7 +281,7 @@ def test_decode_calls_are_short_while_requests_arrive():
 # ---- priorities, budgets, sampling slots ---------------------------------------------------------------------------
 def prio_seq(rid: str, priority: int, n_prompt: int = 3, **sampling) -> Sequence:
     return Sequence(rid, list(range(10, 10 + n_prompt)), Sampling(max_tokens=8, **sampling), max_length=256,
-                    detokenizer=NullDetokenizer(), table_width=16, eos_ids=frozenset(), priority=priority)
+                    detokenizer=NullDetokenizer(), eos_ids=frozenset(), priority=priority)
 
 
 def test_priority_decides_admission_and_preemption_under_contention():

@@ -15,7 +15,7 @@ def tok(demo_checkpoint) -> Tokenizer:
 def make_seq(tok: Tokenizer, prompt: str, **sampling) -> Sequence:
     ids = tok.encode(prompt)
     return Sequence("r", ids, Sampling(**sampling), max_length=1000,
-                    detokenizer=IncrementalDetokenizer(tok, ids), table_width=8, eos_ids=tok.eos_ids)
+                    detokenizer=IncrementalDetokenizer(tok, ids), eos_ids=tok.eos_ids)
 
 
 def stream(seq: Sequence, ids: list[int], per_call: int = 1) -> str:
@@ -90,7 +90,7 @@ def test_stop_token_id_is_returned_and_named(tok):
 def test_length_limit_of_context(tok):
     ids = tok.encode("Once")
     seq = Sequence("r", ids, Sampling(max_tokens=100), max_length=len(ids) + 2,
-                   detokenizer=IncrementalDetokenizer(tok, ids), table_width=8, eos_ids=tok.eos_ids)
+                   detokenizer=IncrementalDetokenizer(tok, ids), eos_ids=tok.eos_ids)
     seq.append([5, 6, 7])
     assert seq.finish == Finish.LENGTH and seq.output_ids == [5, 6]
 
