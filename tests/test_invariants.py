@@ -13,7 +13,7 @@ from tinygrad.helpers import GlobalCounters
 from tinygrad.uop.ops import PatternMatcher
 
 from tests.models import build_model
-from worker_svc.runner import Batch, ModelRunner
+from worker_svc.runner import META_COLS, Batch, ModelRunner
 
 BLOCK, MAX_CONTEXT, NUM_BLOCKS = 16, 128, 64
 
@@ -95,7 +95,7 @@ def test_only_the_step_inputs_cross_to_the_device(runner, rows, tokens, steps):
     runner.execute(batch)  # any lazy first-use work happens here, not in the measured call
     with host_to_device_copies() as copies:
         runner.execute(batch)
-    inputs = batch.token_ids.nbytes + rows * (7 + runner.table_width) * 4  # token ids + the packed metadata
+    inputs = batch.token_ids.nbytes + rows * (META_COLS + runner.table_width) * 4  # token ids + the packed metadata
     assert sum(n for n, _ in copies) == inputs, copies
     assert len(copies) == 2
     weights = runner.model.weights.nbytes()
