@@ -58,6 +58,22 @@ def test_seeded_row_ignores_the_rest_of_the_batch(logits):
     assert [row[0] for row in crowded] != alone  # a different seed gives a different stream
 
 
+def test_the_high_half_of_a_64_bit_seed_counts():
+    """Seeds 2**32 + 1 and 2**64 - 1 used to draw exactly what seeds 1 and 0 draw (folded to 32 bits); now the high
+    half changes the noise, a zero high half changes nothing, and a seed draws the same noise in any batch."""
+    from worker_svc.sampling import uniform_noise
+
+    def noise(lows, highs, counter=0):
+        return uniform_noise(Tensor(np.asarray(lows, np.uint32)), Tensor(np.full(len(lows), counter, np.uint32)), V,
+                             None if highs is None else Tensor(np.asarray(highs, np.uint32))).numpy()
+
+    lows, highs = [1, 1, 0xFFFFFFFF, 0], [0, 1, 0xFFFFFFFF, 0]  # 1, 2**32 + 1, 2**64 - 1, 0
+    n = noise(lows, highs)
+    assert len({row.tobytes() for row in n}) == 4
+    assert (noise(lows, None) == noise(lows, [0] * 4)).all()
+    assert (noise([7, 1], [3, 1])[1] == n[1]).all()
+
+
 # ---- vLLM's other parameters: each rule against NumPy on the same logits -------------------------------------------
 def np_penalized(logits, counts, bias, rep, pres, freq):
     """vLLM's order: bias and allowed mask, repetition (prompt or output tokens), frequency, presence."""

@@ -21,8 +21,9 @@ from worker_svc.model import LlamaModel
 from worker_svc.sampling import NUM_LOGPROBS, PROMPT_FLAG, apply_bias_and_penalties, sample, token_logprobs
 
 # columns of the per-row metadata buffer that goes to the device in one copy, before the block table
-POS, CHUNK_LEN, TEMPERATURE, TOP_P, TOP_K, SEED, COUNTER, SLOT, MIN_P, REPETITION, PRESENCE, FREQUENCY = range(12)
-META_COLS = 12
+(POS, CHUNK_LEN, TEMPERATURE, TOP_P, TOP_K, SEED, COUNTER, SLOT, MIN_P, REPETITION, PRESENCE, FREQUENCY,
+ SEED_HIGH) = range(13)
+META_COLS = 13
 LOGPROB_COLS = 2 + 2 * NUM_LOGPROBS  # per row and step: chosen logprob, rank, top ids, top logprobs
 
 
@@ -94,6 +95,7 @@ class Batch:
     logprobs: bool = False  # read back each sampled token's logprob, rank and top NUM_LOGPROBS alternatives
     slot_inits: list[SlotInit] = field(default_factory=list)  # applied before the call runs
 
+    seeds_high: np.ndarray | None = None  # (B,) uint32 high halves of the 64-bit seeds; None: all 0
     @property
     def uses_extras(self) -> bool:
         """Whether any row needs the full sampling graph's penalties, bias, min_p or logprobs."""
@@ -176,7 +178,8 @@ class ModelRunner:
             min_p = f32(MIN_P)
         next_tokens = sample(processed, f32(TEMPERATURE), meta[:, TOP_K], f32(TOP_P),
                              meta[:, SEED].bitcast(dtypes.uint32), (meta[:, COUNTER] + step).bitcast(dtypes.uint32),
-                             filters=filters, min_p=min_p)
+                             filters=filters, min_p=min_p,
+                             seeds_high=meta[:, SEED_HIGH].bitcast(dtypes.uint32))
         store = sampled.uop.shrink(((0, B), (step, step + 1))).store(next_tokens.reshape(B, 1).uop)
         if not filters:
             return Tensor(sampled.uop.after(store))
@@ -215,6 +218,8 @@ class ModelRunner:
         for name in ("positions", "chunk_lens", "temperature", "top_p", "top_k", "seeds", "counters"):
             if getattr(batch, name).shape != (B,):
                 raise BatchError(f"{name} must have one entry per row ({B}), got shape {getattr(batch, name).shape}")
+        if batch.seeds_high is not None and batch.seeds_high.shape != (B,):
+            raise BatchError(f"seeds_high must have one entry per row ({B}), got shape {batch.seeds_high.shape}")
         if batch.block_tables.shape != (B, self.table_width):
             raise BatchError(f"block_tables must be ({B}, {self.table_width}), got {batch.block_tables.shape}")
         if not 1 <= batch.num_steps <= self.max_steps:
@@ -290,6 +295,7 @@ class ModelRunner:
                                     (FREQUENCY, batch.frequency_penalty, 0.0)):
             meta[:, col] = (np.full(B, default, np.float32) if value is None
                             else value.astype(np.float32)).view(np.int32)
+        meta[:, SEED_HIGH] = 0 if batch.seeds_high is None else batch.seeds_high.astype(np.uint32).view(np.int32)
         meta[:, META_COLS:] = batch.block_tables
         return meta
 

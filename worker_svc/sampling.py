@@ -25,9 +25,16 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: Tensor, counters: Tensor, vocab: int) -> Tensor:
-    """(B, vocab) floats in (0, 1) that depend only on each row's (seed, counter), never on the rest of the batch."""
-    rows = _mix(seeds.cast(dtypes.uint32) * _uint32(0x9E3779B1) ^ _mix(counters.cast(dtypes.uint32) + _uint32(0x632BE5AB)))
+def uniform_noise(seeds: Tensor, counters: Tensor, vocab: int, seeds_high: Tensor | None = None) -> Tensor:
+    """(B, vocab) floats in (0, 1) that depend only on each row's (seed, counter), never on the rest of the batch.
+
+    The seed is 64 bits, its high half in `seeds_high` (None: 0). The high half enters through _mix, which maps
+    0 to 0, so seeds below 2**32 draw what they drew before; seeds that differ only in the high half (2**32 + 1
+    and 1) draw different noise, as the public API promises."""
+    key = seeds.cast(dtypes.uint32) * _uint32(0x9E3779B1)
+    if seeds_high is not None:
+        key = key ^ _mix(seeds_high.cast(dtypes.uint32) * _uint32(0x2545F491))
+    rows = _mix(key ^ _mix(counters.cast(dtypes.uint32) + _uint32(0x632BE5AB)))
     cols = Tensor.arange(vocab).cast(dtypes.uint32).reshape(1, vocab)
     bits = _mix(rows.reshape(-1, 1) ^ (cols * _uint32(0x85EBCA77)))
     return ((bits >> 8).cast(dtypes.float32) + 0.5) * (1.0 / (1 << 24))
@@ -48,9 +55,11 @@ def _largest_passing(values: Tensor, lo: Tensor, hi: Tensor, passes) -> Tensor:
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor,
-           counters: Tensor, filters: bool = True, min_p: Tensor | None = None) -> Tensor:
+           counters: Tensor, filters: bool = True, min_p: Tensor | None = None,
+           seeds_high: Tensor | None = None) -> Tensor:
     """Token ids (B,) int32. temperature <= 0 is greedy; top_k <= 0 and top_p >= 1 switch those filters off;
-    min_p (B,) float (0: off) applies after temperature, before top-k/top-p, as in vLLM.
+    min_p (B,) float (0: off) applies after temperature, before top-k/top-p, as in vLLM; seeds_high: the high
+    halves of the 64-bit seeds (None: 0).
 
     filters=False leaves the top-k/top-p search out of the graph (a third of a small model's kernels); a row
     with both filters off gets the same token either way, so the runner may pick whichever graph fits the batch.
@@ -68,7 +77,7 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
 
     # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). Greedy rows add no noise,
     # so one argmax serves both (two argmaxes over the vocabulary fused into one slow kernel on CUDA).
-    gumbel = -(-uniform_noise(seeds, counters, V).log()).log()
+    gumbel = -(-uniform_noise(seeds, counters, V, seeds_high).log()).log()
     return (scaled + greedy.where(0.0, gumbel)).argmax(-1).cast(dtypes.int32)
 
 

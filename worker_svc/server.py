@@ -52,6 +52,7 @@ def decode_request(req: worker_pb2.ExecuteRequest, width: int) -> Batch:
         frequency_penalty=_optional(req.frequency_penalty, np.float32, B, "frequency_penalty"),
         logprobs=req.logprobs,
         slot_inits=[_slot_init(init) for init in req.slot_inits],
+        seeds_high=_optional(req.seeds_high, np.uint32, B, "seeds_high"),
     )
 
 
