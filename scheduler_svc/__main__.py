@@ -6,16 +6,25 @@ import argparse
 import asyncio
 import signal
 
-from scheduler_svc.engine import Engine
+from scheduler_svc.engine import STREAM_BUFFER, WORKER_TIMEOUT_S, Engine
 from scheduler_svc.frontend import Frontend, Limits
 from scheduler_svc.server import drain, serve
+from scheduler_svc.security import TOKEN_ENV, resolve_token, server_credentials
 from shared.auth import resolve_secret
 from shared.cli import HelpFormatter
-from shared.service import setup_logging
+from shared.service import PortTaken, check_port_free, setup_logging
 
 
 async def run(args: argparse.Namespace) -> None:
-    engine = Engine(args.worker, secret=resolve_secret(args.worker_secret), max_num_seqs=args.max_num_seqs,
+    # what can be wrong with the flags is found before waiting (minutes, at times) for the worker
+    try:
+        for port in (args.port, args.http_port):
+            check_port_free(args.host, port)
+    except PortTaken as exc:
+        raise SystemExit(f"scheduler: {exc}")
+    credentials, token = server_credentials(args.tls_cert, args.tls_key), resolve_token(args.api_token)
+    engine = Engine(args.worker, secret=resolve_secret(args.worker_secret), worker_timeout_s=args.worker_timeout,
+                    stream_buffer=args.max_stream_buffer, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens)
     await engine.start(connect_timeout_s=args.connect_timeout)
     limits = Limits(max_request_mb=args.max_request_mb, max_waiting=args.max_waiting, max_streams=args.max_streams)
@@ -25,7 +34,7 @@ async def run(args: argparse.Namespace) -> None:
         from scheduler_svc.http_server import start_http  # FastAPI and uvicorn load only when HTTP is on
 
         http = await start_http(frontend, args.host, args.http_port)
-    server, _ = await serve(frontend, args.host, args.port)
+    server, _ = await serve(frontend, args.host, args.port, credentials, token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -44,6 +53,9 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1", help="address both gRPC and HTTP listen on")
     ap.add_argument("--port", type=int, default=50051, help="gRPC port")
     ap.add_argument("--http-port", type=int, default=8000, help="HTTP port (OpenAI API, /health, /metrics); 0: off")
+    ap.add_argument("--worker-timeout", type=float, default=WORKER_TIMEOUT_S,
+                    help="seconds running requests wait for a lost worker's return before they end with "
+                         "FINISH_REASON_ABORT; after that, new requests get UNAVAILABLE until it is back")
     ap.add_argument("--connect-timeout", type=float, default=900.0, help="seconds to wait for the worker to be ready")
     defaults = Limits()
     ap.add_argument("--max-request-mb", type=float, default=defaults.max_request_mb,
@@ -52,6 +64,9 @@ def main() -> None:
                     help="requests queued for admission; beyond: RESOURCE_EXHAUSTED (HTTP 429) at once")
     ap.add_argument("--max-streams", type=int, default=defaults.max_streams,
                     help="open requests, gRPC and HTTP; beyond: RESOURCE_EXHAUSTED (HTTP 429) at once")
+    ap.add_argument("--max-stream-buffer", type=int, default=STREAM_BUFFER,
+                    help="messages a stream may hold for a client that reads slowly; beyond: the request ends "
+                         "with FINISH_REASON_ABORT")
     ap.add_argument("--shutdown-grace", type=float, default=5.0,
                     help="seconds streams get to finish on SIGTERM before they end with FINISH_REASON_ABORT")
     ap.add_argument("--worker-secret", default=None,
@@ -61,6 +76,11 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="tokens one worker call may compute (prefill chunks summed, one per decode row); default: "
                          "the largest prefill bucket's rows x tokens")
+    ap.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve the gRPC API over TLS")
+    ap.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    ap.add_argument("--api-token", default=None,
+                    help=f"every gRPC call must carry 'authorization: Bearer <token>' (UNAUTHENTICATED otherwise; "
+                         f"health checks stay open); default: ${TOKEN_ENV}, else no token")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     setup_logging(args.log_level)

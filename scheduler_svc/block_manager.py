@@ -4,6 +4,9 @@ A full block is identified by the hash of its tokens chained with its predecesso
 the same prefix share the same physical blocks (like vLLM's automatic prefix caching). A released block keeps
 its contents and hash until it is handed out again, so a repeated prompt finds its prefix even after the first
 request has finished. Block 0 is the worker's null block and is never handed out.
+
+A table's `salt` (the request's cache_salt, as in vLLM) starts its chain: only requests with the same salt share
+blocks, so one tenant cannot learn from cache hits (cached_prompt_tokens, latency) which prompts another sent.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class BlockTable:
     num_cached_tokens: int = 0
     num_hashed_blocks: int = 0
     last_hash: int | None = None
+    salt: str = ""  # the request's cache_salt: the prefix cache is shared only among tables with the same salt
 
 
 class NoFreeBlocks(Exception):
@@ -90,7 +94,7 @@ class BlockManager:
     def allocate_prompt(self, table: BlockTable, tokens: list[int]) -> None:
         """Reuses cached full blocks of the prompt's prefix; sets num_cached_tokens. Allocates nothing else."""
         assert not table.block_ids
-        parent = None
+        parent = self.chain_hash(None, ("cache_salt", table.salt)) if table.salt else None
         # the last prompt token is always recomputed: its logits are needed to sample the first new token
         for start in range(0, len(tokens) - self.block_size, self.block_size):
             chunk = tuple(tokens[start:start + self.block_size])

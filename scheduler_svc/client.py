@@ -3,11 +3,13 @@ the terminal. With --chat the prompt is a user message, rendered with the model'
 from __future__ import annotations
 
 import argparse
+import pathlib
 import re
 import sys
 
 import grpc
 
+from scheduler_svc.security import TOKEN_ENV, resolve_token
 from shared.cli import HelpFormatter
 from tinyvllm.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -53,14 +55,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ignore-eos", action="store_true", help="keep going after the end-of-sequence token")
     ap.add_argument("--min-tokens", type=int, default=0, help="EOS and stop ids are ignored until this many tokens")
     ap.add_argument("--timeout", type=float, default=None, help="seconds the whole request may take (default: no limit)")
+    ap.add_argument("--tls-ca", default=None, help="PEM file of the CA (or self-signed certificate) to trust: use TLS")
+    ap.add_argument("--api-token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
     return ap.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
     request = build_request(args)
-    with grpc.insecure_channel(args.server) as channel:
+    token = resolve_token(args.api_token)
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    channel = (grpc.secure_channel(args.server, grpc.ssl_channel_credentials(pathlib.Path(args.tls_ca).read_bytes()))
+               if args.tls_ca else grpc.insecure_channel(args.server))
+    with channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        call = stub.Generate(request, timeout=args.timeout)
+        call = stub.Generate(request, timeout=args.timeout, metadata=metadata)
         try:
             if not args.chat:
                 sys.stdout.write(escape_controls(args.prompt))

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.block_manager import BlockManager, BlockTable
 from scheduler_svc.scheduler import PIPELINE_DEPTH, STREAM_STEPS, ScheduledBatch, Scheduler
 from scheduler_svc.sequence import Finish, Sampling, Sequence
 from scheduler_svc.chat import ChatTemplate, load_chat_template
 from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from shared.auth import call_metadata
-from shared.service import GRPC_OPTIONS
+from shared.service import FAST_RECONNECT, GRPC_OPTIONS
 from tinyvllm.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,10 @@ WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, g
                grpc.StatusCode.FAILED_PRECONDITION}
 RETRY_EVERY_S = 1.0
 FINISH_NAMES = {Finish.STOP: "stop", Finish.LENGTH: "length", Finish.ABORT: "abort", Finish.NONE: "abort"}
-# reconnect to a worker within a second of its return: gRPC's default backoff grows to 120 s while a worker is
-# away or warming up, and the first token after a restart waited for it (12-51 s)
-WORKER_CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
-                          ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+WORKER_TIMEOUT_S = 10.0  # default of --worker-timeout
+STREAM_BUFFER = 1024  # default of --max-stream-buffer
+# reconnect to a worker within a second of its return (shared.service.FAST_RECONNECT)
+WORKER_CHANNEL_OPTIONS = [*GRPC_OPTIONS, *FAST_RECONNECT]
 
 
 @dataclass
@@ -72,8 +72,15 @@ class _Call:
 class Engine:
     def __init__(self, worker_address: str, execute_timeout_s: float = 600.0,
                  pipeline_depth: int = PIPELINE_DEPTH, stream_steps: int = STREAM_STEPS, secret: str = "",
-                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None):
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                 worker_timeout_s: float = WORKER_TIMEOUT_S, stream_buffer: int = STREAM_BUFFER):
         self.worker_address = worker_address
+        # how long requests wait for a lost worker's return; after that they end, and new ones are refused
+        self.worker_timeout_s = worker_timeout_s
+        self._lost_since: float | None = None  # when the worker was found gone; None while it serves
+        # messages a stream may have waiting for its client: a client that reads slower than the batch decodes
+        # has its request aborted rather than stalling anyone or holding ever more memory
+        self.stream_buffer = stream_buffer
         self.metadata = call_metadata(secret)  # the worker serves only callers with its secret (shared/auth.py)
         self.execute_timeout_s = execute_timeout_s
         self.pipeline_depth = pipeline_depth  # 1: no pipelining (each call waits for the previous result)
@@ -142,27 +149,33 @@ class Engine:
         """Tokens one sequence may hold: the context length, and what the KV pool can hold on its own."""
         return min(self.info.max_context, self.blocks.total_blocks * self.info.block_size)
 
-    def new_sequence(self, request_id: str, prompt_ids: list[int], sampling: Sampling, priority: int = 0) -> Sequence:
+    def new_sequence(self, request_id: str, prompt_ids: list[int], sampling: Sampling, priority: int = 0,
+                     cache_salt: str = "") -> Sequence:
         """A validated request (scheduler_svc.validation) as a sequence."""
-        return self.new_sequences(request_id, prompt_ids, sampling, priority, 1)[0]
+        return self.new_sequences(request_id, prompt_ids, sampling, priority, 1, cache_salt)[0]
 
     def new_sequences(self, request_id: str, prompt_ids: list[int], sampling: Sampling, priority: int = 0,
-                      n: int = 1) -> list[Sequence]:
+                      n: int = 1, cache_salt: str = "") -> list[Sequence]:
         """The request's n samples: sample i seeded seed + i (each a seed's own run), one stream (a shared
         outbox), the later ones admitted after sample 0's prefill so that they share its prompt blocks."""
         request_id = request_id or uuid.uuid4().hex
-        seed = random.getrandbits(32) if sampling.seed is None else sampling.seed
+        seed = random.getrandbits(64) if sampling.seed is None else sampling.seed
         outbox: asyncio.Queue = asyncio.Queue()
         seqs: list[Sequence] = []
         arrival = time.monotonic()
         for i in range(n):
-            s = dataclasses.replace(sampling, seed=(seed + i) & 0xFFFFFFFF)
+            s = dataclasses.replace(sampling, seed=(seed + i) & 0xFFFFFFFFFFFFFFFF)
             seqs.append(Sequence(request_id=request_id, prompt_ids=prompt_ids, sampling=s, max_length=self.max_length,
                                  detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
                                  eos_ids=self.tokenizer.eos_ids,
                                  priority=priority, index=i, leader=seqs[0] if seqs else None, arrival=arrival,
-                                 outbox=outbox))
+                                 outbox=outbox, blocks=BlockTable(salt=cache_salt)))
         return seqs
+
+    @property
+    def worker_down(self) -> bool:
+        """The worker has been gone for worker_timeout_s or more: new requests are refused (UNAVAILABLE)."""
+        return self._lost_since is not None and time.monotonic() - self._lost_since >= self.worker_timeout_s
 
     def is_running(self, request_id: str) -> bool:
         return (request_id, 0) in self._by_id
@@ -180,6 +193,14 @@ class Engine:
             return
         seq.outbox.put_nowait(seq.abort(reason))
         self._finish(seq)
+
+    def abort_request(self, request_id: str, reason: str) -> bool:
+        """The Abort RPC: False if no such request is running or waiting."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return False
+        self.abort(seq, reason)
+        return True
 
     def abort_all(self, reason: str) -> None:
         """Ends every request (the server shuts down): each stream gets FINISH_REASON_ABORT with `reason`."""
@@ -278,6 +299,9 @@ class Engine:
             seq.outbox.put_nowait(delta)
             if seq.finish:
                 self._finish(seq)
+            elif seq.outbox.qsize() > self.stream_buffer:
+                self.abort(seq, f"the client read too slowly: {self.stream_buffer} messages were waiting for it "
+                                "(--max-stream-buffer)")
 
     def _abort_batch(self, batch: ScheduledBatch, reason: str) -> None:
         for seq in batch.seqs:
@@ -302,7 +326,19 @@ class Engine:
                 pass
             self.scheduler.discard(later.batch)
         self.scheduler.preempt_all()
-        info = await self._fetch_worker_info(timeout_s=float("inf"))
+        if self._lost_since is None:
+            self._lost_since = time.monotonic()
+        try:
+            info = await self._fetch_worker_info(
+                timeout_s=max(0.0, self._lost_since + self.worker_timeout_s - time.monotonic()))
+        except grpc.aio.AioRpcError as lost:
+            # nobody waits forever: the streams end with a reason, new requests get UNAVAILABLE until it is back
+            self.abort_all(f"the worker has been unavailable for {self.worker_timeout_s:g} s (--worker-timeout; "
+                           f"last error {lost.code().name}); retry later")
+            log.error("worker %s gone for %.0f s: requests aborted, new ones refused until it returns",
+                      self.worker_address, self.worker_timeout_s)
+            info = await self._fetch_worker_info(timeout_s=float("inf"))
+        self._lost_since = None
         if info.instance_id != self.info.instance_id:
             layout = (info.num_kv_blocks, info.block_size, info.block_table_width, info.max_context)
             if layout != (self.info.num_kv_blocks, self.info.block_size, self.info.block_table_width,
@@ -350,7 +386,8 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> w
     temperature = column([s.temperature for s in samplings], np.float32)
     top_p = column([s.top_p for s in samplings], np.float32, 1.0)
     top_k = column([s.top_k for s in samplings], np.int32)
-    seeds = column([s.seed for s in samplings], np.uint32)
+    seeds = column([s.seed & 0xFFFFFFFF for s in samplings], np.uint32)
+    seeds_high = column([s.seed >> 32 for s in samplings], np.uint32)
     # the block table's one home is the sequence's block list: each call's rows are built from it here
     lengths = [len(seq.blocks.block_ids) for seq in batch.seqs]
     tables = np.zeros((B, table_width), np.int32)
@@ -368,6 +405,7 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> w
         rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(), positions=positions.tobytes(),
         chunk_lens=chunk_lens.tobytes(), block_tables=tables.tobytes(), temperature=temperature.tobytes(),
         top_p=top_p.tobytes(), top_k=top_k.tobytes(), seeds=seeds.tobytes(), counters=counters.tobytes(),
+        seeds_high=seeds_high.tobytes(),
         instance_id=instance_id, call_index=batch.call_index, previous_call=batch.previous_call,
         previous_rows=prev_rows.tobytes() if fed else b"", logprobs=batch.logprobs)
     if extras:

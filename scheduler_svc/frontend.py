@@ -83,10 +83,17 @@ class Frontend:
             raise _invalid(str(exc)) from exc
         return ids
 
-    async def start(self, request: scheduler_pb2.GenerateRequest) -> "RequestStream":
-        """Validates and admits one request; raises RequestError. The caller must iterate or close the stream."""
+    def _refuse_if_unavailable(self) -> None:
         if self.draining:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
+        if self.engine.worker_down:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"no worker for over {self.engine.worker_timeout_s:g} s (--worker-timeout); "
+                               "retry later")
+
+    async def start(self, request: scheduler_pb2.GenerateRequest) -> "RequestStream":
+        """Validates and admits one request; raises RequestError. The caller must iterate or close the stream."""
+        self._refuse_if_unavailable()
         if self.streams >= self.limits.max_streams:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{self.streams} streams are open, the limit (--max-streams); retry later")
@@ -105,7 +112,9 @@ class Frontend:
             except validation.InvalidRequest as exc:
                 raise _invalid(str(exc)) from exc
             prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
-            seqs = self.engine.new_sequences(request.request_id, prompt_ids, sampling, priority, n)
+            seqs = self.engine.new_sequences(request.request_id, prompt_ids, sampling, priority, n,
+                                              request.cache_salt)
+            self._refuse_if_unavailable()  # again: tokenizing took time
             seq = seqs[0]
             if self.engine.is_running(seq.request_id):
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS,

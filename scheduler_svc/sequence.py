@@ -34,7 +34,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int | None = None  # 32 bits; the engine draws one when the request gave none
+    seed: int | None = None  # 64 bits; the engine draws one when the request gave none
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False

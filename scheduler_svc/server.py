@@ -8,6 +8,7 @@ import grpc
 
 from scheduler_svc.engine import Engine
 from scheduler_svc.frontend import Frontend, RequestError
+from scheduler_svc.security import RequireBearerToken
 from shared.service import NO_REUSEPORT, add_health_and_reflection, message_limits
 from tinyvllm.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -29,6 +30,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         finally:
             stream.close()  # the client cancelled or disconnected: abort the request
 
+    async def Abort(self, request, context) -> scheduler_pb2.AbortResponse:
+        if not self.frontend.engine.abort_request(request.request_id, "aborted by an Abort call"):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no running or waiting request {request.request_id!r}")
+        return scheduler_pb2.AbortResponse()
+
     async def GetServerInfo(self, request, context) -> scheduler_pb2.ServerInfo:
         e = self.frontend.engine
         running, waiting = e.counts()
@@ -41,16 +47,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             kv_cache_usage=e.blocks.usage, prefix_cache_hit_rate=e.blocks.hit_rate)
 
 
-async def serve(frontend: Frontend, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def serve(frontend: Frontend, host: str, port: int, credentials: grpc.ServerCredentials | None = None,
+                token: str = "") -> tuple[grpc.aio.Server, int]:
+    """credentials: TLS, or None for plaintext; token: the bearer token every call must carry, "" for none."""
     max_bytes = int(frontend.limits.max_request_mb * 2**20)
-    server = grpc.aio.server(options=[*NO_REUSEPORT, *message_limits(max_bytes)])
+    server = grpc.aio.server(options=[*NO_REUSEPORT, *message_limits(max_bytes)],
+                             interceptors=[RequireBearerToken(token)] if token else [])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(frontend), server)
     add_health_and_reflection(server, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name], aio=True)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     await server.start()
-    log.info("scheduler serving gRPC on %s:%d", host, bound)
+    log.info("scheduler serving gRPC on %s:%d (%s%s)", host, bound, "TLS" if credentials else "plaintext",
+             ", bearer token required" if token else "")
     return server, bound
 
 

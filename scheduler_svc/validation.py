@@ -62,7 +62,7 @@ def sampling(p: scheduler_pb2.SamplingParams, limits: ModelLimits) -> Sampling:
             raise InvalidRequest("top_k must be -1 or 0 (off) or a positive count")
         s.top_k = max(0, p.top_k)
     if p.HasField("seed"):
-        s.seed = (p.seed ^ (p.seed >> 32)) & 0xFFFFFFFF
+        s.seed = p.seed  # all 64 bits reach the worker's RNG
     if any(not stop for stop in p.stop):
         raise InvalidRequest("stop strings must not be empty")
     s.stop = tuple(p.stop)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.service import FAST_RECONNECT
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -27,10 +29,13 @@ def _tail(log_path: pathlib.Path | None) -> str:
     return log_path.read_text()[-4000:] if log_path else "(see the output above)"
 
 
-def wait_serving(address: str, proc: subprocess.Popen, log_path: pathlib.Path | None, timeout_s: float) -> None:
-    """Polls grpc.health.v1 until SERVING; fails early, with the log, if the process dies."""
+def wait_serving(address: str, proc: subprocess.Popen, log_path: pathlib.Path | None, timeout_s: float,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Polls grpc.health.v1 until SERVING (over TLS with `credentials`); fails early, with the log, if the process
+    dies."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with (grpc.secure_channel(address, credentials, options=FAST_RECONNECT) if credentials else
+          grpc.insecure_channel(address, options=FAST_RECONNECT)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -56,8 +61,9 @@ class Service:
 
     @classmethod
     def start(cls, name: str, module: str, args: list[str], log_dir: pathlib.Path | None, port: int | None = None,
-              timeout_s: float = 900.0, host: str = "127.0.0.1") -> "Service":
-        """log_dir None: the process writes to this terminal."""
+              timeout_s: float = 900.0, host: str = "127.0.0.1",
+              credentials: grpc.ChannelCredentials | None = None) -> "Service":
+        """log_dir None: the process writes to this terminal; credentials: how to reach a TLS service."""
         port = port or free_port()
         log_path = log_dir / f"{name}.log" if log_dir else None
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -69,7 +75,7 @@ class Service:
                                 start_new_session=True)
         service = cls(name, f"{host}:{port}", proc, log_path)
         try:
-            wait_serving(service.address, proc, log_path, timeout_s)
+            wait_serving(service.address, proc, log_path, timeout_s, credentials)
         except Exception:
             service.stop()
             raise
@@ -92,21 +98,24 @@ def start_worker(model_dir: pathlib.Path, log_dir: pathlib.Path | None, extra: l
 
 def start_services(model_dir: pathlib.Path, log_dir: pathlib.Path | None, worker_flags: list[str],
                    worker_port: int | None = None, port: int | None = None,
-                   http_port: int | None = None) -> tuple[Service, Service]:
+                   http_port: int | None = None, scheduler_flags: list[str] = ()) -> tuple[Service, Service]:
     """A worker and the scheduler in front of it; the worker is stopped again if the scheduler fails to start."""
     worker = start_worker(model_dir, log_dir, worker_flags, port=worker_port)
     try:
-        return worker, start_scheduler(worker.address, log_dir, port=port, http_port=http_port)
+        return worker, start_scheduler(worker.address, log_dir, port=port, http_port=http_port,
+                                       extra=scheduler_flags)
     except BaseException:
         worker.stop()
         raise
 
 
 def start_scheduler(worker: str, log_dir: pathlib.Path | None, port: int | None = None,
-                    extra: list[str] = (), http_port: int | None = None) -> Service:
-    """http_port None: a free port (several schedulers may run at once); 0: HTTP off."""
+                    extra: list[str] = (), http_port: int | None = None,
+                    credentials: grpc.ChannelCredentials | None = None) -> Service:
+    """http_port None: a free port (several schedulers may run at once); 0: HTTP off. credentials: how to reach a
+    scheduler serving gRPC over TLS."""
     http_port = free_port() if http_port is None else http_port
     service = Service.start("scheduler", "scheduler_svc", ["--worker", worker, "--http-port", str(http_port), *extra],
-                            log_dir, port=port)
+                            log_dir, port=port, credentials=credentials)
     service.http_url = f"http://{service.address.rsplit(':', 1)[0]}:{http_port}" if http_port else ""
     return service

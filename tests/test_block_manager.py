@@ -133,3 +133,25 @@ def test_cached_blocks_are_evicted_least_recently_used_and_only_when_needed():
     for t in (again_a, again_b, fresh, tables["c"]):
         bm.release(t)
     assert all(b.ref_count == 0 for b in bm.blocks) and bm.num_free == bm.total_blocks
+
+
+def test_cache_salt_separates_prefix_caches():
+    """Tables with another salt (or none) never find each other's blocks; the same salt shares them."""
+    bm = BlockManager(num_blocks=12, block_size=4)
+    prompt = list(range(100, 111))
+    first = BlockTable(salt="tenant-a")
+    bm.allocate_prompt(first, prompt)
+    bm.grow(first, len(prompt))
+    bm.register_full_blocks(first, prompt, num_computed=len(prompt))
+    for salt, cached in (("tenant-b", 0), ("", 0), ("tenant-a", 8)):
+        table = BlockTable(salt=salt)
+        bm.allocate_prompt(table, prompt)
+        assert table.num_cached_tokens == cached, salt
+        bm.release(table)
+    unsalted = BlockTable()
+    bm.allocate_prompt(unsalted, prompt)
+    bm.grow(unsalted, len(prompt))
+    bm.register_full_blocks(unsalted, prompt, num_computed=len(prompt))
+    salted = BlockTable(salt="tenant-b")
+    bm.allocate_prompt(salted, prompt)
+    assert salted.num_cached_tokens == 0  # nor does a salted request see the shared cache

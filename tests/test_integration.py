@@ -158,6 +158,16 @@ async def test_seeded_sampling_is_reproducible_whatever_the_batch(aio_stub):
     assert other_seed.token_ids != alone.token_ids
 
 
+async def test_the_whole_64_bit_seed_counts(aio_stub):
+    """Seeds 2**32 + 1 and 2**64 - 1 were folded to 32 bits and sampled exactly what seeds 0 and 1 sample."""
+    kw = dict(max_tokens=12, temperature=1.0, ignore_eos=True)
+    outs = {seed: (await agenerate(aio_stub, "The dragon in one story", seed=seed, **kw)).token_ids
+            for seed in (0, 1, 2 ** 32 + 1, 2 ** 64 - 1)}
+    assert len({tuple(ids) for ids in outs.values()}) == 4
+    again = await agenerate(aio_stub, "The dragon in one story", seed=2 ** 64 - 1, **kw)
+    assert again.token_ids == outs[2 ** 64 - 1]
+
+
 def test_unseeded_sampling_varies(stub):
     outs = {tuple(generate(stub, "The river ran from", max_tokens=16, temperature=1.0, ignore_eos=True).token_ids)
             for _ in range(3)}
@@ -277,6 +287,23 @@ def test_prefix_sharing_reuses_blocks_and_keeps_outputs(stub, tokenizer):
     assert other.cached_prompt_tokens == 0
     info = wait_idle(stub)
     assert info.free_kv_blocks == info.total_kv_blocks
+
+
+def test_cache_salt_keeps_tenants_out_of_each_others_prefix_cache(stub):
+    """A prompt cached under one salt is a miss under another salt or none (a tenant cannot probe others' prompts
+    through cached_prompt_tokens or latency), a hit under the same salt; outputs are the same either way."""
+    prompt = "A tenant's secret prompt, long enough to fill more than one block of sixteen tokens. " * 2
+
+    def run(salt: str) -> Result:
+        return collect(stub.Generate(pb.GenerateRequest(prompt=prompt, cache_salt=salt, params=params(
+            max_tokens=4, temperature=0, ignore_eos=True))))
+
+    first = run("tenant-a")
+    probes = [run("tenant-b"), run("")]
+    assert [p.cached_prompt_tokens for p in probes] == [0, 0]
+    again = run("tenant-a")
+    assert again.cached_prompt_tokens >= 16
+    assert all(r.token_ids == first.token_ids for r in (*probes, again))
 
 
 def test_the_worker_serves_only_callers_with_its_secret(services):

@@ -26,7 +26,9 @@ def small(demo_checkpoint, tmp_path_factory):
     """A worker and scheduler pair; tests that kill the worker put a new one in services["worker"]."""
     log_dir = tmp_path_factory.mktemp("small-pool")
     port = free_port()
-    worker, scheduler = start_services(demo_checkpoint, log_dir, SMALL, worker_port=port)
+    # restarts below take longer than the default --worker-timeout on a loaded CPU: the streams must wait for them
+    worker, scheduler = start_services(demo_checkpoint, log_dir, SMALL, worker_port=port,
+                                       scheduler_flags=["--worker-timeout", "300"])
     services = {"worker": worker, "scheduler": scheduler, "port": port, "log_dir": log_dir}
     yield services
     services["scheduler"].stop()
@@ -101,6 +103,77 @@ def test_worker_restarted_while_idle_serves_no_stale_prefix_blocks(small, stub, 
     info = wait_idle(stub)
     assert info.stats.worker_restarts == restarts + 1
     assert info.free_kv_blocks == info.total_kv_blocks
+
+
+def test_a_slow_reader_is_aborted_and_nobody_else_waits(small):
+    """A client that stops reading: gRPC's flow control stops the stream's writes, its messages pile up in the
+    scheduler until --max-stream-buffer, then that request ends with FINISH_REASON_ABORT (it used to run to the
+    end, holding every message in memory); another stream finishes meanwhile, exactly as alone."""
+    small["scheduler"].stop()  # one scheduler per worker: this one serves the module from now on
+    small["scheduler"] = start_scheduler(small["worker"].address, small["log_dir"],
+                                         extra=["--max-stream-buffer", "4", "--worker-timeout", "300"])
+    address = small["scheduler"].address
+    kw = dict(max_tokens=100, temperature=0, ignore_eos=True)
+    # a receive window of one byte: the client's transport takes no message the application has not asked for
+    slow_options = [("grpc.http2.lookahead_bytes", 1), ("grpc.http2.bdp_probe", 0)]
+    with grpc.insecure_channel(address) as channel, grpc.insecure_channel(address, options=slow_options) as slow:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        alone = generate(stub, "The dragon in one story", max_tokens=30, temperature=0, ignore_eos=True)
+        reference = generate(stub, "Once upon a time", **kw)
+        stream = scheduler_pb2_grpc.SchedulerStub(slow).Generate(
+            pb.GenerateRequest(prompt="Once upon a time", params=pb.SamplingParams(**kw)), timeout=120)
+        first = next(stream)
+        other = generate(stub, "The dragon in one story", max_tokens=30, temperature=0, ignore_eos=True)
+        assert other.token_ids == alone.token_ids
+        info = wait_idle(stub)  # the slow stream's request ended and returned its blocks before its client read
+        assert info.running_requests == 0 and info.free_kv_blocks == info.total_kv_blocks
+        rest = collect(stream)
+        assert rest.finish == pb.FINISH_REASON_ABORT and "--max-stream-buffer" in rest.stop_reason
+        got = list(first.token_ids) + rest.token_ids
+        assert len(got) < 100 and got == reference.token_ids[:len(got)]
+
+
+def test_without_a_worker_streams_end_and_new_requests_are_refused_until_it_returns(small, demo_checkpoint):
+    """A worker gone for --worker-timeout: the running stream ends with FINISH_REASON_ABORT and a message (it used
+    to wait forever), new requests get UNAVAILABLE, no block is lost; once a worker is back, a request's first
+    token follows within seconds."""
+    small["scheduler"].stop()  # one scheduler per worker: this one, with a 2 s bound, serves the module from now on
+    small["scheduler"] = start_scheduler(small["worker"].address, small["log_dir"], extra=["--worker-timeout", "2"])
+    with grpc.insecure_channel(small["scheduler"].address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", params=pb.SamplingParams(
+            max_tokens=100, temperature=0, ignore_eos=True)), timeout=30)  # without the bound it waited forever
+        next(stream)
+        proc = small["worker"].proc
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        t0 = time.monotonic()
+        rest = collect(stream)
+        waited = time.monotonic() - t0
+        assert rest.finish == pb.FINISH_REASON_ABORT and "--worker-timeout" in rest.stop_reason
+        assert 1.5 < waited < 10
+        with pytest.raises(grpc.RpcError) as err:
+            generate(stub, "The dragon", max_tokens=4)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "--worker-timeout" in err.value.details()
+        info = stub.GetServerInfo(pb.GetServerInfoRequest())
+        assert info.free_kv_blocks == info.total_kv_blocks and info.running_requests == info.waiting_requests == 0
+
+        small["worker"] = start_worker(demo_checkpoint, small["log_dir"], SMALL, port=small["port"])
+        t0 = time.monotonic()
+        while True:  # the scheduler may take up to its 1 s reconnect backoff to see the worker
+            try:
+                stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", params=pb.SamplingParams(
+                    max_tokens=4, temperature=0)))
+                next(stream)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 10
+                time.sleep(0.1)
+        first_token_s = time.monotonic() - t0
+        collect(stream)
+        print(f"first token {first_token_s:.2f} s after the worker served again")
+        assert first_token_s < 3
+        wait_idle(stub)
 
 
 def test_shutdown_refuses_new_requests_and_aborts_streams_after_the_grace(small, demo_checkpoint):

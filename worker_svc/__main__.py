@@ -9,7 +9,7 @@ import threading
 
 from shared.auth import resolve_secret
 from shared.cli import HelpFormatter
-from shared.service import setup_logging
+from shared.service import PortTaken, check_port_free, setup_logging
 from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES, parse_int_list, parse_shapes
 
 def main() -> None:
@@ -37,6 +37,10 @@ def main() -> None:
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     setup_logging(args.log_level)
+    try:  # before minutes of loading and warming up
+        check_port_free(args.host, args.port)
+    except PortTaken as exc:
+        raise SystemExit(f"worker: {exc}")
     from worker_svc.compat import configure_environment
 
     configure_environment(beam=args.beam)
