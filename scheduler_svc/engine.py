@@ -78,6 +78,8 @@ class Engine:
         # how long requests wait for a lost worker's return; after that they end, and new ones are refused
         self.worker_timeout_s = worker_timeout_s
         self._lost_since: float | None = None  # when the worker was found gone; None while it serves
+        self._recovering = False  # _recover is refilling the worker: only it may declare the worker back
+        self._watch: asyncio.Task | None = None
         # messages a stream may have waiting for its client: a client that reads slower than the batch decodes
         # has its request aborted rather than stalling anyone or holding ever more memory
         self.stream_buffer = stream_buffer
@@ -121,11 +123,28 @@ class Engine:
         log.info("worker %s: %s on %s, %d KV blocks, buckets %s", self.worker_address, info.model_name,
                  info.device, info.num_kv_blocks - 1, list(info.decode_batch_sizes))
         self._task = asyncio.create_task(self._loop())
+        self._watch = asyncio.create_task(self._watch_channel())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in (self._task, self._watch):
+            if task:
+                task.cancel()
         await self.channel.close()
+
+    async def _watch_channel(self) -> None:
+        """Notices a worker lost while no call runs (no failed call would tell): its channel fails to connect.
+        Then --worker-timeout counts from that moment, so requests arriving later are refused at once instead of
+        waiting for the timeout; a channel that is ready again (outside a recovery) clears it."""
+        state = self.channel.get_state(try_to_connect=True)
+        while True:
+            await self.channel.wait_for_state_change(state)
+            state = self.channel.get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE and self._lost_since is None:
+                log.warning("worker %s unreachable", self.worker_address)
+                self._lost_since = time.monotonic()
+            elif state == grpc.ChannelConnectivity.READY and not self._recovering and self._lost_since is not None:
+                log.info("worker %s reachable again", self.worker_address)
+                self._lost_since = None
 
     async def _fetch_worker_info(self, timeout_s: float) -> worker_pb2.WorkerInfo:
         """Waits for the worker (it serves only once its graphs are captured); timeout_s may be inf."""
@@ -328,6 +347,7 @@ class Engine:
         self.scheduler.preempt_all()
         if self._lost_since is None:
             self._lost_since = time.monotonic()
+        self._recovering = True
         try:
             info = await self._fetch_worker_info(
                 timeout_s=max(0.0, self._lost_since + self.worker_timeout_s - time.monotonic()))
@@ -338,6 +358,8 @@ class Engine:
             log.error("worker %s gone for %.0f s: requests aborted, new ones refused until it returns",
                       self.worker_address, self.worker_timeout_s)
             info = await self._fetch_worker_info(timeout_s=float("inf"))
+        finally:
+            self._recovering = False
         self._lost_since = None
         if info.instance_id != self.info.instance_id:
             layout = (info.num_kv_blocks, info.block_size, info.block_table_width, info.max_context)

@@ -133,10 +133,60 @@ def test_a_slow_reader_is_aborted_and_nobody_else_waits(small):
         assert len(got) < 100 and got == reference.token_ids[:len(got)]
 
 
+def test_shutdown_refuses_new_requests_and_aborts_streams_after_the_grace(small, demo_checkpoint):
+    """Stops the module's scheduler (the next test starts its own): SIGTERM to a scheduler (started with a 0.2 s grace) makes new requests UNAVAILABLE
+    (retryable elsewhere) and ends a stream still running after the grace with FINISH_REASON_ABORT."""
+    scheduler = start_scheduler(small["worker"].address, small["log_dir"], extra=["--shutdown-grace", "0.2"])
+    try:
+        with grpc.insecure_channel(scheduler.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            small["scheduler"].stop()  # one scheduler per worker: the module's goes first
+            stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", params=pb.SamplingParams(
+                max_tokens=100, temperature=0, ignore_eos=True)))
+            first = next(stream)
+            scheduler.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as err:
+                generate(stub, "The dragon", max_tokens=4)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = collect(stream)
+            assert rest.finish == pb.FINISH_REASON_ABORT and "shutting down" in rest.stop_reason
+            assert len(first.token_ids) + len(rest.token_ids) < 100
+            assert scheduler.proc.wait(timeout=15) == 0
+    finally:
+        scheduler.stop()
+
+
+def test_shutdown_refuses_new_requests_and_aborts_streams_after_the_grace(small, demo_checkpoint):
+    """Stops the module's scheduler (the next test starts its own): SIGTERM to a scheduler (started with a 0.2 s grace) makes new requests UNAVAILABLE
+    (retryable elsewhere) and ends a stream still running after the grace with FINISH_REASON_ABORT."""
+    scheduler = start_scheduler(small["worker"].address, small["log_dir"], extra=["--shutdown-grace", "0.2"])
+    try:
+        with grpc.insecure_channel(scheduler.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            small["scheduler"].stop()  # one scheduler per worker: the module's goes first
+            stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", params=pb.SamplingParams(
+                max_tokens=100, temperature=0, ignore_eos=True)))
+            first = next(stream)
+            scheduler.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)  # the signal reaches the scheduler's loop
+            refused = httpx.post(f"{scheduler.http_url}/v1/completions", timeout=5,
+                                 json={"model": demo_checkpoint.name, "prompt": "The dragon", "max_tokens": 4})
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+            with pytest.raises(grpc.RpcError) as err:
+                generate(stub, "The dragon", max_tokens=4)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = collect(stream)
+            assert rest.finish == pb.FINISH_REASON_ABORT and "shutting down" in rest.stop_reason
+            assert len(first.token_ids) + len(rest.token_ids) < 100
+            assert scheduler.proc.wait(timeout=15) == 0
+    finally:
+        scheduler.stop()
+
+
 def test_without_a_worker_streams_end_and_new_requests_are_refused_until_it_returns(small, demo_checkpoint):
     """A worker gone for --worker-timeout: the running stream ends with FINISH_REASON_ABORT and a message (it used
     to wait forever), new requests get UNAVAILABLE, no block is lost; once a worker is back, a request's first
-    token follows within seconds."""
+    token follows within seconds; a worker lost while idle is noticed without a request."""
     small["scheduler"].stop()  # one scheduler per worker: this one, with a 2 s bound, serves the module from now on
     small["scheduler"] = start_scheduler(small["worker"].address, small["log_dir"], extra=["--worker-timeout", "2"])
     with grpc.insecure_channel(small["scheduler"].address) as channel:
@@ -175,29 +225,13 @@ def test_without_a_worker_streams_end_and_new_requests_are_refused_until_it_retu
         assert first_token_s < 3
         wait_idle(stub)
 
-
-def test_shutdown_refuses_new_requests_and_aborts_streams_after_the_grace(small, demo_checkpoint):
-    """Runs last in this module: SIGTERM to a scheduler (started with a 0.2 s grace) makes new requests UNAVAILABLE
-    (retryable elsewhere) and ends a stream still running after the grace with FINISH_REASON_ABORT."""
-    scheduler = start_scheduler(small["worker"].address, small["log_dir"], extra=["--shutdown-grace", "0.2"])
-    try:
-        with grpc.insecure_channel(scheduler.address) as channel:
-            stub = scheduler_pb2_grpc.SchedulerStub(channel)
-            small["scheduler"].stop()  # one scheduler per worker: the module's goes first
-            stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", params=pb.SamplingParams(
-                max_tokens=100, temperature=0, ignore_eos=True)))
-            first = next(stream)
-            scheduler.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.05)  # the signal reaches the scheduler's loop
-            refused = httpx.post(f"{scheduler.http_url}/v1/completions", timeout=5,
-                                 json={"model": demo_checkpoint.name, "prompt": "The dragon", "max_tokens": 4})
-            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
-            with pytest.raises(grpc.RpcError) as err:
-                generate(stub, "The dragon", max_tokens=4)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            rest = collect(stream)
-            assert rest.finish == pb.FINISH_REASON_ABORT and "shutting down" in rest.stop_reason
-            assert len(first.token_ids) + len(rest.token_ids) < 100
-            assert scheduler.proc.wait(timeout=15) == 0
-    finally:
-        scheduler.stop()
+        # lost while idle (no call fails to tell): after the bound, a new request is refused at once, not after
+        # waiting for the bound itself. Runs last in this module: it leaves no worker behind.
+        proc = small["worker"].proc
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        time.sleep(3)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            generate(stub, "The dragon", max_tokens=4)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 1
