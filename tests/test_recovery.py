@@ -134,31 +134,9 @@ def test_a_slow_reader_is_aborted_and_nobody_else_waits(small):
 
 
 def test_shutdown_refuses_new_requests_and_aborts_streams_after_the_grace(small, demo_checkpoint):
-    """Stops the module's scheduler (the next test starts its own): SIGTERM to a scheduler (started with a 0.2 s grace) makes new requests UNAVAILABLE
-    (retryable elsewhere) and ends a stream still running after the grace with FINISH_REASON_ABORT."""
-    scheduler = start_scheduler(small["worker"].address, small["log_dir"], extra=["--shutdown-grace", "0.2"])
-    try:
-        with grpc.insecure_channel(scheduler.address) as channel:
-            stub = scheduler_pb2_grpc.SchedulerStub(channel)
-            small["scheduler"].stop()  # one scheduler per worker: the module's goes first
-            stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", params=pb.SamplingParams(
-                max_tokens=100, temperature=0, ignore_eos=True)))
-            first = next(stream)
-            scheduler.proc.send_signal(signal.SIGTERM)
-            with pytest.raises(grpc.RpcError) as err:
-                generate(stub, "The dragon", max_tokens=4)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            rest = collect(stream)
-            assert rest.finish == pb.FINISH_REASON_ABORT and "shutting down" in rest.stop_reason
-            assert len(first.token_ids) + len(rest.token_ids) < 100
-            assert scheduler.proc.wait(timeout=15) == 0
-    finally:
-        scheduler.stop()
-
-
-def test_shutdown_refuses_new_requests_and_aborts_streams_after_the_grace(small, demo_checkpoint):
-    """Stops the module's scheduler (the next test starts its own): SIGTERM to a scheduler (started with a 0.2 s grace) makes new requests UNAVAILABLE
-    (retryable elsewhere) and ends a stream still running after the grace with FINISH_REASON_ABORT."""
+    """Stops the module's scheduler (the next test starts its own): SIGTERM to a scheduler (started with a 0.2 s
+    grace) makes new requests UNAVAILABLE (retryable elsewhere) and ends a stream still running after the grace
+    with FINISH_REASON_ABORT."""
     scheduler = start_scheduler(small["worker"].address, small["log_dir"], extra=["--shutdown-grace", "0.2"])
     try:
         with grpc.insecure_channel(scheduler.address) as channel:
