@@ -215,11 +215,10 @@ class Engine:
 
     def abort_request(self, request_id: str, reason: str) -> bool:
         """The Abort RPC: False if no such request is running or waiting."""
-        seq = self._by_id.get(request_id)
-        if seq is None:
-            return False
-        self.abort(seq, reason)
-        return True
+        seqs = [seq for (rid, _), seq in self._by_id.items() if rid == request_id]  # every sample of it
+        for seq in seqs:
+            self.abort(seq, reason)
+        return bool(seqs)
 
     def abort_all(self, reason: str) -> None:
         """Ends every request (the server shuts down): each stream gets FINISH_REASON_ABORT with `reason`."""
