@@ -33,7 +33,8 @@ async def run(args: argparse.Namespace) -> None:
     if args.http_port:
         from scheduler_svc.http_server import start_http  # FastAPI and uvicorn load only when HTTP is on
 
-        http = await start_http(frontend, args.host, args.http_port)
+        http = await start_http(frontend, args.host, args.http_port, token,
+                                (args.tls_cert, args.tls_key) if credentials else None)
     server, _ = await serve(frontend, args.host, args.port, credentials, token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ overload refusal and accounting are the gRPC path's; a RequestError's status cod
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -26,7 +27,7 @@ from tinyvllm.v1 import scheduler_pb2
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
                grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
                grpc.StatusCode.UNAVAILABLE: 503}
-ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
               429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
 FINISH = {scheduler_pb2.FINISH_REASON_STOP: "stop", scheduler_pb2.FINISH_REASON_LENGTH: "length"}
 
@@ -85,11 +86,22 @@ async def _collect(stream: RequestStream, http_request: Request) -> tuple[str, s
     return text, last
 
 
-def create_app(frontend: Frontend) -> FastAPI:
+def create_app(frontend: Frontend, token: str = "") -> FastAPI:
+    """token: when set, /v1/ endpoints need `Authorization: Bearer <token>` (401 otherwise), as with vLLM's
+    --api-key; /health and /metrics stay open for probes and scrapers, as over gRPC health stays open."""
     app = FastAPI(title="tinyvllm", docs_url=None, redoc_url=None, openapi_url=None)
     engine = frontend.engine
     started = int(time.time())
     max_body = int(frontend.limits.max_request_mb * 2**20)
+
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if token and request.url.path.startswith("/v1/") and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(), expected):
+            return error_response(401, "this server needs its API token: Authorization: Bearer <token>")
+        return await call_next(request)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):

@@ -44,10 +44,14 @@ class HttpServer:
         await self.task
 
 
-async def start_http(frontend: Frontend, host: str, port: int) -> HttpServer:
+async def start_http(frontend: Frontend, host: str, port: int, token: str = "",
+                     tls: tuple[str, str] | None = None) -> HttpServer:
+    """token: the API token /v1/ needs (the gRPC API's --api-token); tls: (certificate, key) PEM files, the same
+    ones the gRPC API serves, so neither front door is weaker than the other."""
     sock = _bind(host, port)
-    config = uvicorn.Config(create_app(frontend), log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=2, log_level="warning")
+    cert, key = tls or (None, None)
+    config = uvicorn.Config(create_app(frontend, token), log_config=None, access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=2, log_level="warning", ssl_certfile=cert, ssl_keyfile=key)
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -56,5 +60,5 @@ async def start_http(frontend: Frontend, host: str, port: int) -> HttpServer:
             raise RuntimeError("the HTTP server stopped at start")
         await asyncio.sleep(0.01)
     bound = sock.getsockname()[1]
-    log.info("scheduler serving HTTP (OpenAI API, /metrics) on http://%s:%d", host, bound)
+    log.info("scheduler serving HTTP (OpenAI API, /metrics) on %s://%s:%d", "https" if tls else "http", host, bound)
     return HttpServer(server, task, bound)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 
 import grpc
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -50,6 +52,7 @@ def secured(services, tmp_path_factory):
     creds = grpc.ssl_channel_credentials(root_certificates=pem)
     scheduler = start_scheduler(services["worker"].address, tmp, credentials=creds,
                                 extra=["--tls-cert", cert, "--tls-key", key, "--api-token", TOKEN])
+    scheduler.cert = cert
     yield scheduler, creds
     scheduler.stop()
 
@@ -90,3 +93,18 @@ def test_plaintext_clients_cannot_talk_to_a_tls_server(secured):
             scheduler_pb2_grpc.SchedulerStub(channel).GetServerInfo(
                 pb.GetServerInfoRequest(), metadata=[("authorization", f"Bearer {TOKEN}")], timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_http_api_serves_tls_and_needs_the_token_too(secured):
+    """The OpenAI-compatible door is no weaker than gRPC: the same certificate, the same token on /v1/."""
+    scheduler, _ = secured
+    url = scheduler.http_url.replace("http://", "https://")
+    with httpx.Client(verify=ssl.create_default_context(cafile=scheduler.cert), timeout=10) as client:
+        assert client.get(f"{url}/health").status_code == 200  # probes stay open
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN}):
+            refused = client.get(f"{url}/v1/models", headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        models = client.get(f"{url}/v1/models", headers={"authorization": f"Bearer {TOKEN}"})
+        assert models.status_code == 200 and models.json()["data"][0]["id"]
+    with pytest.raises(httpx.HTTPError):  # plaintext HTTP gets no answer from a TLS port
+        httpx.get(f"{scheduler.http_url}/health", timeout=5)
