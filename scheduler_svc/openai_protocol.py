@@ -1,8 +1,8 @@
 """OpenAI request bodies (pydantic) and their mapping onto the gRPC GenerateRequest, so the HTTP API has no
 validator of its own: what the fields mean is checked once, in scheduler_svc.validation.
 
-Fields OpenAI defines that tinyvllm cannot honour (n > 1, logprobs, penalties, logit_bias, echo, suffix, best_of,
-tools) are refused with a 400 that names them, rather than silently ignored; fields it does not know are ignored,
+Fields OpenAI defines that the HTTP API does not honour yet (n > 1 and logprobs, which the gRPC API has; echo,
+suffix, best_of, tools) are refused with a 400 that names them, rather than silently ignored; fields it does not know are ignored,
 as vLLM does, so clients that send extras keep working."""
 from __future__ import annotations
 
@@ -40,16 +40,15 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = None  # vLLM's extension
+    min_p: float | None = None  # vLLM's extension
+    allowed_token_ids: list[int] | None = None  # vLLM's extension
+    priority: int | None = None  # vLLM's extension
     user: str | None = None
 
     def _check_supported(self) -> None:
         if self.n != 1:
-            raise Unsupported("n: only 1 completion per request is supported")
-        for field in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, field):
-                raise Unsupported(f"{field} is not supported")
-        if self.logit_bias:
-            raise Unsupported("logit_bias is not supported")
+            raise Unsupported("n: only 1 completion per request is supported over HTTP (the gRPC API has n)")
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options is only allowed with stream: true")
 
@@ -77,7 +76,22 @@ class _SamplingRequest(BaseModel):
         if self.min_tokens < 0:
             raise Unsupported("min_tokens must be >= 0")
         p.min_tokens = self.min_tokens
+        for field in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            if (value := getattr(self, field)) is not None:
+                setattr(p, field, value)
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.lstrip("-").isdigit():
+                raise Unsupported(f"logit_bias: keys are token ids, not {token!r}")
+            p.logit_bias[int(token)] = bias
+        if self.allowed_token_ids:
+            p.allowed_token_ids.extend(self.allowed_token_ids)
         return p
+
+    def generate_request(self, request_id: str, max_tokens: int | None) -> scheduler_pb2.GenerateRequest:
+        req = scheduler_pb2.GenerateRequest(request_id=request_id, params=self.sampling_params(max_tokens))
+        if self.priority is not None:
+            req.priority = self.priority
+        return req
 
     @property
     def include_usage(self) -> bool:
@@ -100,7 +114,7 @@ class CompletionRequest(_SamplingRequest):
             raise Unsupported("suffix is not supported")
         if self.best_of not in (None, 1):
             raise Unsupported("best_of: only 1 is supported")
-        req = scheduler_pb2.GenerateRequest(request_id=request_id, params=self.sampling_params(self.max_tokens))
+        req = self.generate_request(request_id, self.max_tokens)
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -148,7 +162,7 @@ class ChatCompletionRequest(_SamplingRequest):
             raise Unsupported("tools are not supported")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         max_tokens = max_length if max_tokens is None else max_tokens
-        req = scheduler_pb2.GenerateRequest(request_id=request_id, params=self.sampling_params(max_tokens))
+        req = self.generate_request(request_id, max_tokens)
         req.messages.add_generation_prompt = self.add_generation_prompt
         for m in self.messages:
             req.messages.messages.add(role=m.role, content=m.text())

@@ -77,6 +77,23 @@ def test_completion_is_the_grpc_completion(client, stub, model):
         assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
 
 
+def test_penalties_bias_and_min_p_are_the_grpc_ones(client, stub, model):
+    """OpenAI's penalties and logit_bias, and vLLM's repetition_penalty, min_p and allowed_token_ids, map onto the
+    gRPC fields (the device applies them); a logit_bias key that is not a token id is a 400."""
+    kw = dict(temperature=0.8, seed=3, presence_penalty=0.5, frequency_penalty=0.3)
+    extra = dict(repetition_penalty=1.2, min_p=0.05)
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, logit_bias={"5": 4.0}, extra_body=extra,
+                                  **kw)
+    want = generate(stub, PROMPT, max_tokens=10, logit_bias={5: 4.0}, **extra, **kw)
+    assert r.choices[0].text == want.text
+    allowed = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0,
+                                        extra_body={"allowed_token_ids": [5, 6, 7]})
+    want = generate(stub, PROMPT, max_tokens=6, temperature=0, allowed_token_ids=[5, 6, 7])
+    assert set(want.token_ids) <= {5, 6, 7} and allowed.choices[0].text == want.text
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, logit_bias={"the": 1.0})
+
+
 def test_streamed_chat_completion(client, stub, model):
     chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
