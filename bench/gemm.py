@@ -18,18 +18,11 @@ SHAPES = {"qkv": (2048, 2560), "o": (2048, 2048), "gate_up": (2048, 11264), "dow
 
 
 def product(x, w, split: int):
-    """x (M, K) @ w.T (N, K) in fp16 with fp32 accumulation; split > 1 sums S partial products over K/S; split 0
-    computes the transposed product (w @ x.T).T."""
-    from tinygrad import dtypes
+    """The worker's projection (worker_svc.model.project: split > 1 sums that many partial products over K), or
+    with split 0 the transposed product (w @ x.T).T: the weight rows on the tensor core's M side."""
+    from worker_svc.model import project
 
-    if split == 0:  # transposed: the weight rows are the tensor core's M side, the few input rows its N side
-        return (w @ x.T).T
-    if split == 1:
-        return x @ w.T
-    M, K = x.shape
-    N = w.shape[0]
-    partial = (x.reshape(M, 1, split, K // split) * w.reshape(1, N, split, K // split)).sum(-1, dtype=dtypes.float)
-    return partial.contiguous().sum(-1).cast(x.dtype)
+    return (w @ x.T).T if split == 0 else project(x, w, split)
 
 
 def time_variant(M: int, K: int, N: int, split: int, mats: int, reps: int, context: dict) -> float:
@@ -61,18 +54,6 @@ def time_variant(M: int, K: int, N: int, split: int, mats: int, reps: int, conte
         step(x)
     Device[Device.DEFAULT].synchronize()
     return (time.perf_counter() - t0) / reps / mats * 1e6
-
-
-def check(M: int, K: int, N: int, split: int) -> float:
-    """Largest relative error of a variant against numpy on small random inputs."""
-    import numpy as np
-    from tinygrad import Tensor, dtypes
-
-    rng = np.random.default_rng(0)
-    xn, wn = rng.standard_normal((M, K)).astype(np.float16), rng.standard_normal((N, K)).astype(np.float16)
-    got = product(Tensor(xn), Tensor(wn), split).cast(dtypes.float).numpy()
-    want = xn.astype(np.float32) @ wn.astype(np.float32).T
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def main() -> None:
