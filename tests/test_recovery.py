@@ -54,10 +54,12 @@ def stub(small):
 
 
 async def test_greedy_output_does_not_depend_on_memory_pressure(small, stub):
-    """Two streams of 100 tokens need 14 blocks together: they preempt each other repeatedly, and each must still
-    produce exactly what it produces alone (a preempted sequence is recomputed, never run without its blocks)."""
-    prompts = ["Once upon a time", "The dragon in one story", "Questions and answers:"]
-    kw = dict(max_tokens=100, temperature=0, ignore_eos=True)
+    """Eight greedy streams of 60 tokens need 32 blocks together and the pool has 8: they preempt each other
+    repeatedly, and each must still produce exactly what it produces alone (a preempted sequence is recomputed,
+    never run without its blocks)."""
+    prompts = ["Once upon a time", "The dragon in one story", "Questions and answers:", "A river", "In the morning",
+               "She said that", "Numbers: one, two", "The end of the road"]
+    kw = dict(max_tokens=60, temperature=0, ignore_eos=True)
     alone = [generate(stub, p, **kw) for p in prompts]
     before = stub.GetServerInfo(pb.GetServerInfoRequest()).stats.preemptions
     async with grpc.aio.insecure_channel(small["scheduler"].address) as channel:
