@@ -52,6 +52,23 @@ def scrape(http_url: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
+ABORTED = ("tinyvllm:request_success_total", (("finished_reason", "abort"),))
+
+
+def wait_aborted_and_idle(stub, http_url: str, before: dict, services, what: str) -> dict:
+    """Waits (10 s at most) for one more aborted request than `before` counted, then for the server to be idle
+    with every KV block free and no traceback in its log (a client that leaves is no error of the server's).
+    Returns the last scrape."""
+    deadline = time.monotonic() + 10
+    while (after := scrape(http_url))[ABORTED] == before[ABORTED]:
+        assert time.monotonic() < deadline, f"{what} was not aborted"
+        time.sleep(0.05)
+    info = wait_idle(stub)
+    assert info.running_requests == 0 and info.free_kv_blocks == info.total_kv_blocks
+    assert "Traceback" not in (services["log_dir"] / "scheduler.log").read_text()
+    return after
+
+
 def test_health_and_models(client, http_url, model):
     assert httpx.get(f"{http_url}/health").status_code == 200
     models = client.models.list().data
@@ -145,33 +162,17 @@ def test_disconnect_aborts_and_metrics_move(stub, http_url, model, services):
         during = scrape(http_url)  # the request is running, holding KV blocks
         assert during[("tinyvllm:num_requests_running", ())] == 1
         assert 0 < during[("tinyvllm:kv_cache_usage_perc", ())] <= 1
-    deadline = time.monotonic() + 10
-    while (after := scrape(http_url))[("tinyvllm:request_success_total", (("finished_reason", "abort"),))] \
-            == before[("tinyvllm:request_success_total", (("finished_reason", "abort"),))]:
-        assert time.monotonic() < deadline, "the disconnected request was not aborted"
-        time.sleep(0.05)
-    info = wait_idle(stub)
-    assert info.running_requests == 0 and info.free_kv_blocks == info.total_kv_blocks
-    log = (services["log_dir"] / "scheduler.log").read_text()
-    assert "Traceback" not in log  # a client that leaves is no error of the server's
+    after = wait_aborted_and_idle(stub, http_url, before, services, "the disconnected request")
     generated = after[("tinyvllm:generation_tokens_total", ())] - before[("tinyvllm:generation_tokens_total", ())]
     assert 0 < generated < 200
 
 
 def test_disconnect_aborts_a_request_that_is_not_streamed(stub, http_url, model, services):
-    abort = ("tinyvllm:request_success_total", (("finished_reason", "abort"),))
-    before = scrape(http_url)[abort]
+    before = scrape(http_url)
     body = {"model": model, "prompt": PROMPT, "max_tokens": 240, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 240 tokens
         httpx.post(f"{http_url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
-    deadline = time.monotonic() + 10
-    while scrape(http_url)[abort] == before:
-        assert time.monotonic() < deadline, "the abandoned request was not aborted"
-        time.sleep(0.05)
-    info = wait_idle(stub)
-    assert info.running_requests == 0 and info.free_kv_blocks == info.total_kv_blocks
-    log = (services["log_dir"] / "scheduler.log").read_text()
-    assert "Traceback" not in log  # a client that leaves is no error of the server's
+    wait_aborted_and_idle(stub, http_url, before, services, "the abandoned request")
 
 
 def test_metrics_count_a_request(client, http_url, model):
