@@ -152,7 +152,8 @@ class Engine:
         attempts = 0
         while True:
             try:
-                return await self.stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), wait_for_ready=True, metadata=self.metadata,
+                return await self.stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), wait_for_ready=True,
+                                                     metadata=self.metadata,
                                                      timeout=max(1.0, min(30.0, deadline - time.monotonic())))
             except grpc.aio.AioRpcError as exc:
                 if time.monotonic() > deadline:
@@ -167,11 +168,6 @@ class Engine:
     def max_length(self) -> int:
         """Tokens one sequence may hold: the context length, and what the KV pool can hold on its own."""
         return min(self.info.max_context, self.blocks.total_blocks * self.info.block_size)
-
-    def new_sequence(self, request_id: str, prompt_ids: list[int], sampling: Sampling, priority: int = 0,
-                     cache_salt: str = "") -> Sequence:
-        """A validated request (scheduler_svc.validation) as a sequence."""
-        return self.new_sequences(request_id, prompt_ids, sampling, priority, 1, cache_salt)[0]
 
     def new_sequences(self, request_id: str, prompt_ids: list[int], sampling: Sampling, priority: int = 0,
                       n: int = 1, cache_salt: str = "") -> list[Sequence]:

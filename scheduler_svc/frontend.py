@@ -74,7 +74,7 @@ class Frontend:
             except ChatTemplateError as exc:
                 raise _invalid(str(exc)) from exc
             ids = engine.tokenizer.encode_rendered(text)
-        limits = validation.ModelLimits(vocab_size=engine.info.vocab_size, max_length=engine.max_length)
+        limits = self._model_limits()
         try:
             if which == "prompt_token_ids":
                 ids = validation.prompt_token_ids(request.prompt_token_ids.ids, limits)
@@ -82,6 +82,9 @@ class Frontend:
         except validation.InvalidRequest as exc:
             raise _invalid(str(exc)) from exc
         return ids
+
+    def _model_limits(self) -> validation.ModelLimits:
+        return validation.ModelLimits(vocab_size=self.engine.info.vocab_size, max_length=self.engine.max_length)
 
     def _refuse_if_unavailable(self) -> None:
         if self.draining:
@@ -103,8 +106,7 @@ class Frontend:
                                "retry later")
         self.streams += 1  # counted from here: requests being tokenized are open streams too
         try:
-            limits = validation.ModelLimits(vocab_size=self.engine.info.vocab_size,
-                                            max_length=self.engine.max_length)
+            limits = self._model_limits()
             try:  # every field of the request is checked in scheduler_svc.validation
                 sampling = validation.sampling(request.params, limits)
                 priority = validation.priority(request)
@@ -187,5 +189,6 @@ class RequestStream:
         frontend.metrics.observe(seq.arrival, self.first_token_at, now, len(seq.output_ids), reason)
         ttft = f"{self.first_token_at - seq.arrival:.3f}s" if self.first_token_at else "-"
         log.info("request %s finished: %d prompt + %d completion tokens, first token %s, %.3fs, %s%s",
-                 seq.request_id.encode("unicode_escape").decode(), len(seq.prompt_ids), len(seq.output_ids), ttft, now - seq.arrival, reason,
+                 seq.request_id.encode("unicode_escape").decode(), len(seq.prompt_ids), len(seq.output_ids), ttft,
+                 now - seq.arrival, reason,
                  f" ({seq.stop_reason})" if reason == "abort" and seq.stop_reason else "")
