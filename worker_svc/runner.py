@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 from tinygrad.uop.ops import KernelInfo, Ops
 
-from worker_svc import compat
+from worker_svc import compat, readback
 from worker_svc.kv_cache import NULL_BLOCK
 from worker_svc.model import LlamaModel
 from worker_svc.sampling import NUM_LOGPROBS, PROMPT_FLAG, apply_bias_and_penalties, sample, token_logprobs
@@ -144,6 +145,7 @@ class ModelRunner:
         self._bias = Tensor.zeros(self.num_slots, V, dtype=dtypes.float32).contiguous().realize()
         self._logprobs = Tensor.zeros(self.max_rows, max_steps, LOGPROB_COLS).contiguous().realize()
         self._blocks_var = UOp.variable("num_blocks", 1, self.table_width)
+        self._readback = readback.for_device(model.weights.embed.device)
 
     # ---- the captured computation ----------------------------------------------------------------------------
     def _step(self, tokens: Tensor, meta: Tensor, step: UOp, num_blocks: UOp, filters: bool) -> Tensor:
@@ -333,22 +335,37 @@ class ModelRunner:
         np.copyto(host_meta, self._pack_meta(batch))
         return self._uploads[shape](tokens, meta)
 
-    def execute(self, batch: Batch) -> np.ndarray:
-        """Run the batch; returns the sampled token ids, (B, num_steps) int32. Two host-to-device copies per call."""
+    def launch(self, batch: Batch) -> Callable[[], tuple[np.ndarray, np.ndarray | None]]:
+        """Runs the batch's steps on the device and queues their read-back; returns a function that waits for the
+        results: the sampled token ids (B, num_steps) and, if asked, the logprobs (B, num_steps, LOGPROB_COLS).
+        Call it after releasing the device to other callers: the next call can be launched while this one runs
+        (worker_svc/readback.py). Two host-to-device copies and one or two copies back per call."""
         key = self.graph_key(batch)
         jit = self._jits[key]
-        self.last_logprobs = None
         self._init_slots(batch.slot_inits)
         tokens, meta = self._upload_inputs(batch, key[:2])
         num_blocks = self._blocks_var.bind(self.blocks_to_read(batch))
         self._last_call = None  # a call that fails part-way leaves the sampled buffer in no known state
         for s in range(batch.num_steps):
-            sampled = jit(tokens, meta, self._step_var.bind(s), num_blocks)
-        out = sampled.numpy()[:batch.token_ids.shape[0], :batch.num_steps]
-        if batch.logprobs:
-            self.last_logprobs = self._logprobs.numpy()[:batch.token_ids.shape[0], :batch.num_steps]
-        self._last_call = (batch.token_ids.shape[0], batch.num_steps)
-        return out
+            jit(tokens, meta, self._step_var.bind(s), num_blocks)
+        # queued behind the steps, before anything launched later can overwrite the shared buffers
+        B, steps, S = batch.token_ids.shape[0], batch.num_steps, self.max_steps
+        wait_tokens = self._readback.start(self._sampled, B * S)
+        wait_logprobs = self._readback.start(self._logprobs, B * S * LOGPROB_COLS) if batch.logprobs else None
+        self._last_call = (B, steps)
+
+        def result() -> tuple[np.ndarray, np.ndarray | None]:
+            sampled = wait_tokens().reshape(B, S)[:, :steps]
+            if wait_logprobs is None:
+                return sampled, None
+            return sampled, wait_logprobs().reshape(B, S, LOGPROB_COLS)[:, :steps]
+        return result
+
+    def execute(self, batch: Batch) -> np.ndarray:
+        """launch() and wait: the sampled token ids (B, num_steps); the logprobs, if asked, in last_logprobs."""
+        self.last_logprobs = None
+        tokens, self.last_logprobs = self.launch(batch)()
+        return tokens
 
     def _init_slots(self, inits: list[SlotInit]) -> None:
         """Writes each slot's counts and bias rows (eagerly, outside the graphs: once per sequence admission)."""

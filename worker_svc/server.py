@@ -91,8 +91,9 @@ class CallOrder:
     """Runs numbered calls strictly in the order the scheduler sent them, one at a time.
 
     gRPC hands concurrent calls to a thread pool in no particular order, and a pipelined call N+1 reads what call
-    N left on the device (its sampled tokens, its KV writes), so N+1 waits here until N has run. Only the calls
-    that touched the device count as run; a refused call (bad shape, wrong instance) leaves the last one as it was.
+    N left on the device (its sampled tokens, its KV writes), so N+1 waits here until N has been launched (the
+    device runs launched work in order; N's results are awaited after, outside this lock). Only the calls that
+    touched the device count as run; a refused call (bad shape, wrong instance) leaves the last one as it was.
     """
 
     ARRIVAL_WAIT_S = 10.0  # how long to wait for a previous call that has not even arrived
@@ -163,7 +164,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: WorkerEngine):
         self.engine = engine
         self.instance_id = uuid.uuid4().hex
-        self.order = CallOrder()  # also keeps one batch on the device at a time
+        self.order = CallOrder()  # also keeps one launch on the device at a time
+        self._last_done = 0.0  # when the last call's results were back (perf_counter)
 
     def GetWorkerInfo(self, request, context) -> worker_pb2.WorkerInfo:
         e, r = self.engine, self.engine.runner
@@ -196,12 +198,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self.order.refuse(index)
                 raise
 
-            def run() -> tuple[np.ndarray, np.ndarray | None, float]:
-                t0 = time.perf_counter()
-                tokens = runner.execute(batch)
-                return tokens, runner.last_logprobs, time.perf_counter() - t0
-
-            tokens, logprobs, elapsed = self.order.run(index, request.previous_call, run)
+            t0 = time.perf_counter()
+            # the device is this call's only while it launches; its results are awaited after, so the next call
+            # is launched while this one still runs and the GPU does not idle between calls
+            result = self.order.run(index, request.previous_call, lambda: runner.launch(batch))
+            tokens, logprobs = result()
+            done = time.perf_counter()  # device time: from this launch, or the previous call's end if later
+            elapsed, self._last_done = done - max(t0, self._last_done), done
         except OutOfOrder as exc:
             context.abort(grpc.StatusCode.ABORTED, str(exc))
         except BatchError as exc:
