@@ -53,6 +53,21 @@ class CUDAReadBack:
         self.dev = Device[device]
         self._lock = threading.Lock()
         self._free: dict[int, list[ctypes.c_void_p]] = {}  # pinned host buffers by size, ready for reuse
+        self._landed: list[tuple] = []  # tinygrad's upload staging entries that an awaited event showed done
+
+    def _release_uploads(self) -> None:
+        """tinygrad frees the pinned staging buffers of host-to-device copies only when the device is synchronised,
+        which the overlapped read-back never does: give back those that an awaited event has shown to be done.
+        Called with the device to ourselves (under the worker's launch lock), like every other tinygrad call."""
+        with self._lock:
+            landed, self._landed = self._landed, []
+        if landed:  # `landed` keeps the entries alive, so their ids stay unique here
+            done = {id(entry) for entry in landed}
+            pending = self.dev.pending_copyin
+            for entry in pending:
+                if id(entry) in done:
+                    self.dev.allocator.free(*entry)
+            pending[:] = [entry for entry in pending if id(entry) not in done]
 
     def _pinned(self, nbytes: int) -> ctypes.c_void_p:
         with self._lock:
@@ -63,6 +78,7 @@ class CUDAReadBack:
 
     def start(self, t: Tensor, count: int) -> Wait:
         cuda, check = self.cuda, self.check
+        self._release_uploads()
         buf = _buffer(t)
         nbytes = count * buf.dtype.itemsize
         host = self._pinned(nbytes)
@@ -72,6 +88,7 @@ class CUDAReadBack:
         event = cuda.CUevent()
         check(cuda.cuEventCreate(ctypes.byref(event), 0x2))  # CU_EVENT_DISABLE_TIMING
         check(cuda.cuEventRecord(event, None))
+        covered = list(self.dev.pending_copyin)  # uploads queued before the event: done when it is
         dtype = _to_np_dtype(buf.dtype)
 
         def wait() -> np.ndarray:
@@ -80,6 +97,8 @@ class CUDAReadBack:
                 check(cuda.cuEventSynchronize(event))
                 out = np.empty(count, dtype=dtype)
                 ctypes.memmove(out.ctypes.data, host, nbytes)
+                with self._lock:
+                    self._landed.extend(covered)
                 return out
             finally:
                 cuda.cuEventDestroy_v2(event)
