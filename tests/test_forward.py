@@ -97,3 +97,17 @@ def test_split_k_product_matches_numpy():
     for split in (1, 2, 4):
         got = project(Tensor(x), Tensor(w), split).numpy()
         np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+def test_row_sum_of_squares_and_materialized_norm_match_numpy():
+    """`sum_squares` (the custom kernel behind RMSNorm before tensor-core products) and the norm built on it."""
+    from worker_svc.model import rms_norm, sum_squares
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 5, 96)).astype(np.float32)
+    w = rng.standard_normal(96).astype(np.float32)
+    np.testing.assert_allclose(sum_squares(Tensor(x)).numpy(), (x * x).sum(-1, keepdims=True), rtol=1e-5)
+    want = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w
+    for materialize in (False, True):
+        got = rms_norm(Tensor(x), Tensor(w), 1e-5, materialize=materialize).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
