@@ -48,6 +48,17 @@ async def run_batch(stub, prompts: list[list[int]], outs: list[int]) -> tuple[li
     return list(timings), time.perf_counter() - t0
 
 
+async def idle_ttft(stub, prompt_ids: list[int]) -> tuple[float, float, float]:
+    """One request for one token on an idle server: (TTFT at the client, the scheduler's worker calls from send
+    to answer, the worker's own time in them). What TTFT spends outside the calls is the scheduler's and the
+    client's; what the calls spend outside the worker's time is gRPC and the worker's request handling."""
+    before = await stub.GetServerInfo(pb.GetServerInfoRequest())
+    ttft = (await run_batch(stub, [prompt_ids], [1]))[0][0].ttft
+    after = await stub.GetServerInfo(pb.GetServerInfoRequest())
+    return (ttft, after.stats.worker_call_seconds - before.stats.worker_call_seconds,
+            after.stats.worker_busy_seconds - before.stats.worker_busy_seconds)
+
+
 async def run_scenarios(address: str, which: str, vocab: int, max_context: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
 
@@ -65,9 +76,10 @@ async def run_scenarios(address: str, which: str, vocab: int, max_context: int, 
             if name == "a":  # one stream, 128 in, 256 out; best of 3 runs by TPOT
                 runs = [await run_batch(stub, [prompt(128)], [256]) for _ in range(3)]
                 timings, wall = min(runs, key=lambda r: r[0][0].tpot)
-                idle_ttft = [(await run_batch(stub, [prompt(128)], [1]))[0][0].ttft for _ in range(5)]
+                idle = [await idle_ttft(stub, prompt(128)) for _ in range(5)]
                 summary = summarize("a: 1 stream 128/256", timings, wall)
-                summary["ttft_idle_ms_p50"] = float(np.median(idle_ttft) * 1e3)
+                for i, key in enumerate(("ttft_idle_ms_p50", "ttft_idle_call_ms_p50", "ttft_idle_worker_ms_p50")):
+                    summary[key] = float(np.median([t[i] for t in idle]) * 1e3)
             elif name == "b":  # 64 concurrent streams, 128 in, 128 out
                 timings, wall = await run_batch(stub, [prompt(128) for _ in range(64)], [128] * 64)
                 summary = summarize("b: 64 streams 128/128", timings, wall)
