@@ -97,6 +97,19 @@ def test_fp16_query_fp32_pool():
     np.testing.assert_allclose(out.numpy(), ref, **tolerance(np.float32))
 
 
+def test_prefill_chunk_rows_share_a_table_row():
+    """A prefill chunk: 2 sequences x 3 tokens at consecutive positions, each token a query row with its own causal
+    mask, reading its sequence's table row (queries_per_table=3); equals the reference with the rows repeated."""
+    positions, nb = [5, 6, 7, 10, 11, 12], 4
+    q, pool, tables, pos = make_inputs(6, 2, 2, 8, np.float16, seed=4, positions=positions, num_blocks=nb,
+                                       poison=False)
+    tables[1::3] = tables[0::3]  # rows 0-2 share table row 0 and rows 3-5 table row 1, as the reference sees them
+    tables[2::3] = tables[0::3]
+    ts = [Tensor(x) for x in (q, pool, tables[0::3].copy(), pos)]
+    out = paged_decode_attention(*ts, nb, BS, 2, 8, queries_per_table=3).numpy()
+    np.testing.assert_allclose(out, reference(q, pool, tables, pos, nb), **tolerance(np.float16))
+
+
 def test_one_kernel():
     """Attention of a layer is exactly one scheduled kernel (inputs realized): no gather, no softmax kernels."""
     ts = [Tensor(x).realize() for x in make_inputs(3, 2, 2, 8, np.float16, seed=4, positions=[0, 9, 17],

@@ -19,8 +19,8 @@ def _write_slots_kernel(pool: UOp, qkv: UOp, rope_cos: UOp, rope_sin: UOp, posit
 
     A plain scatter or advanced setitem would make tinygrad rewrite the whole pool every step
     (../shared/notes/tinygrad-0.14.md), which is what this custom kernel exists to avoid. Rotating K here (Hugging
-    Face's rotate-half layout, in fp32 like model.apply_rope) saves the kernel that would otherwise materialise the
-    rotated K and V for it. On GPUs a row of a token's K or V is one workgroup of up to 256 threads; without that,
+    Face's rotate-half layout, in fp32 like the NumPy reference) saves the kernel that would otherwise materialise
+    the rotated K and V for it. On GPUs a row of a token's K or V is one workgroup of up to 256 threads; without that,
     every element was a workgroup of one thread (29 us per layer for 64 tokens on the H200)."""
     _, rows, width = pool.shape  # width = kv_dim
     tokens = qkv.shape[0]
@@ -70,10 +70,3 @@ class PagedKVCache:
         layer's pool ordered after the write."""
         fxn = functools.partial(self._write_kernel, q_dim=q_dim, head_dim=self.head_dim)
         return self.pools[layer].custom_kernel(qkv, rope_cos, rope_sin, positions, slots, fxn=fxn)[0]
-
-    def gather(self, pool: Tensor, block_tables: Tensor) -> tuple[Tensor, Tensor]:
-        """K and V of the blocks in `block_tables` (B, n): each (B, n * block_size, kv_heads, head_dim)."""
-        b, n = block_tables.shape
-        paged = pool.reshape(2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        shape = (b, n * self.block_size, self.num_kv_heads, self.head_dim)
-        return paged[0][block_tables].reshape(shape), paged[1][block_tables].reshape(shape)

@@ -82,12 +82,6 @@ def split_k_for_tensor_cores(rows: int, K: int, N: int) -> int:
     return split
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Hugging Face's rotate-half layout: the first and second halves of each head form the rotated pairs."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
-
-
 class LlamaModel:
     """Weights plus the KV cache; `logits` is the traced computation that the runner captures per bucket."""
 
@@ -102,9 +96,6 @@ class LlamaModel:
         freqs = np.outer(np.arange(max_context, dtype=np.float64), np.array(config.rope_inv_freq(), dtype=np.float64))
         self.rope_cos = Tensor(np.cos(freqs).astype(np.float32), device=device).realize()
         self.rope_sin = Tensor(np.sin(freqs).astype(np.float32), device=device).realize()
-        # key positions of a block table's slots; sliced to the bound block count inside the graph
-        self.key_positions = Tensor(np.arange(self.max_blocks_per_seq * cache.block_size, dtype=np.int32),
-                                    device=device).realize()
 
     def hidden_states(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
                       num_blocks: UOp | int) -> Tensor:
@@ -122,14 +113,15 @@ class LlamaModel:
         dense = (lambda t: t.contiguous()) if many else (lambda t: t)
         x = w.embed[tokens].float()  # residual stream in fp32
         flat_slots, flat_positions = slots.reshape(B * T), positions.reshape(B * T)
-        if T == 1:  # decode: one fused kernel per layer rotates q and reads K and V in place through the block table
-            def attention(qkv: Tensor, pool: Tensor) -> Tensor:
-                out = paged_decode_attention(qkv.reshape(B, -1), pool, block_tables, positions.reshape(B), num_blocks,
-                                             self.cache.block_size, KV, hd, num_heads=H,
-                                             rope=(self.rope_cos, self.rope_sin), out_dtype=self.cache.dtype)
-                return out.reshape(B, T, q_dim)
-        else:
-            attention = self._prefill_attention(positions, block_tables, num_blocks, dense)
+        # one fused kernel per layer rotates q and reads K and V in place through the block table. A prefill
+        # chunk's T tokens are T query rows of that kernel sharing their sequence's table row: causal attention is
+        # each token's own position mask, and the chunk's keys are in the pool before it runs (cache.write)
+        def attention(qkv: Tensor, pool: Tensor) -> Tensor:
+            out = paged_decode_attention(qkv.reshape(B * T, -1), pool, block_tables, flat_positions, num_blocks,
+                                         self.cache.block_size, KV, hd, num_heads=H,
+                                         rope=(self.rope_cos, self.rope_sin), out_dtype=self.cache.dtype,
+                                         queries_per_table=T)
+            return dense(out.reshape(B, T, q_dim))
 
         def proj(h: Tensor, weight: Tensor) -> Tensor:
             return project(h, weight, self.split_k(B * T, weight.shape[1], weight.shape[0]))
@@ -146,38 +138,6 @@ class LlamaModel:
             gate, up = proj(h, layer.w_gate_up).chunk(2, dim=-1)
             x = x + proj(dense(gate.silu() * up), layer.w_down).float()
         return rms_norm(x, w.norm, cfg.rms_norm_eps, materialize=many)
-
-    def _prefill_attention(self, positions: Tensor, block_tables: Tensor, num_blocks: UOp | int,
-                           dense: Callable[[Tensor], Tensor]):
-        """Causal attention of a chunk of T > 1 tokens per row over the gathered context, as Tensor ops
-        (compute-bound matrix products: tinygrad's tensor-core kernels). `dense` materialises the output for the
-        output projection when it has enough rows for tensor cores."""
-        cfg = self.config
-        B, T = positions.shape
-        KV, hd = cfg.num_key_value_heads, cfg.head_dim
-        H = cfg.num_attention_heads
-        group = H // KV
-        cos = self.rope_cos[positions].reshape(B, T, 1, hd // 2)
-        sin = self.rope_sin[positions].reshape(B, T, 1, hd // 2)
-        tables = block_tables[:, :num_blocks]
-        key_pos = self.key_positions[:num_blocks * self.cache.block_size]
-        # causal mask over the gathered context: key slot s is visible to a query at position p when s <= p;
-        # laid out like the attention scores, (B, 1, group * T, S), one row per (query head in group, token)
-        visible = (key_pos.reshape(1, 1, -1) <= positions.reshape(B, T, 1)).reshape(B, 1, 1, T, -1)
-        visible = visible.expand(B, 1, group, T, visible.shape[-1]).reshape(B, 1, group * T, -1)
-        scale = 1.0 / math.sqrt(hd)
-
-        def attention(qkv: Tensor, pool: Tensor) -> Tensor:
-            q = apply_rope(qkv[..., :H * hd].reshape(B, T, H, hd).float(), cos, sin)
-            keys, values = self.cache.gather(pool, tables)  # (B, S, KV, hd)
-            # GQA without repeating K and V: the query heads sharing a KV head are the rows of one matmul
-            qg = q.reshape(B, T, KV, group, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, group * T, hd)
-            scores = (qg.cast(keys.dtype) @ keys.permute(0, 2, 3, 1)).float() * scale  # (B, KV, G*T, S)
-            scores = visible.where(scores, -math.inf)
-            attn = (scores.softmax(-1).cast(values.dtype) @ values.permute(0, 2, 1, 3)).float()  # (B, KV, G*T, hd)
-            attn = attn.reshape(B, KV, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, KV * group * hd)
-            return dense(attn.cast(self.cache.dtype))
-        return attention
 
     def logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
                num_blocks: UOp | int, last_index: Tensor | None = None) -> Tensor:

@@ -72,7 +72,7 @@ def _plan(B: int, KV: int, G: int, hd: int, itemsize: int, max_threads: int, sme
 
 def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions: UOp, rope_cos: UOp | None,
                              rope_sin: UOp | None, num_blocks: UOp | int, block_size: int, T: int, gw: int,
-                             kstride: int) -> UOp:
+                             kstride: int, queries_per_table: int = 1) -> UOp:
     """The kernel body (see the module docstring). `num_blocks` is an int or the ALU PARAM of the bound variable.
     q is (B, N) with the query heads in its first KV * G * hd columns; with rope tables it is rotated here."""
     B, KV, G, hd = out.shape
@@ -112,13 +112,14 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
     S = num_blocks * block_size
     pool_blocks = pool.shape[1] // block_size
     limit = (positions[b].cast(wi) + 1).minimum(S)  # slot s is visible iff s < limit
+    table_row = b // queries_per_table if queries_per_table > 1 else b
     scale = 1.0 / math.sqrt(hd)
 
     def row_of(s: UOp, ok: UOp) -> UOp:
         """Pool row of context slot s through the block table; no load at all when the slot is masked."""
         # the clamp costs two instructions and bounds the row: without it tinygrad wraps every pool index in a
         # 64-bit modulo by the pool size
-        blk = tables[b, (s // block_size).valid(ok)].cast(wi).maximum(0).minimum(pool_blocks - 1)
+        blk = tables[table_row, (s // block_size).valid(ok)].cast(wi).maximum(0).minimum(pool_blocks - 1)
         return blk * block_size + s % block_size
 
     # shared (GPU) / register (CPU) buffers
@@ -144,7 +145,7 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
         d = qi % hd
         col = ((h * G + gs * gw + qi // hd) * hd + d).valid(ok)
         x = q[b, col].cast(f32)
-        if rope_cos is not None:  # Hugging Face's rotate-half layout, in fp32 like model.apply_rope
+        if rope_cos is not None:  # Hugging Face's rotate-half layout, in fp32 like the NumPy reference
             half = hd // 2
             first = d < half
             pos = positions[b].cast(wi).maximum(0).minimum(rope_cos.shape[0] - 1)
@@ -296,7 +297,8 @@ def _custom_kernel_with_var(tensors: list[Tensor], fxn: Callable[..., UOp], num_
 def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positions: Tensor, num_blocks: UOp | int,
                            block_size: int, num_kv_heads: int, head_dim: int, num_heads: int | None = None,
                            rope: tuple[Tensor, Tensor] | None = None, out_dtype: DType = dtypes.float32,
-                           max_threads: int | None = None, heads_per_group: int | None = None) -> Tensor:
+                           max_threads: int | None = None, heads_per_group: int | None = None,
+                           queries_per_table: int = 1) -> Tensor:
     """softmax(q.k / sqrt(hd)) @ v over each row's visible slots, read in place from the paged pool, in one kernel.
 
     q: (B, KV, G, hd), or (B, N) whose first num_heads * hd columns are the query heads (the fused QKV projection's
@@ -308,7 +310,10 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
     Returns (B, KV, G, hd) in out_dtype (accumulation is fp32 whatever it is).
     max_threads: threads per workgroup on GPUs (ignored where the device has no local memory). Default: 64 when
     B * KV workgroups fill the GPU, else 128 (H100, ctx 2048: B=64 81 vs 93 us, B=256 299 vs 353 us per layer).
-    heads_per_group: query heads per workgroup on GPUs (default: all G unless B * KV workgroups are too few)."""
+    heads_per_group: query heads per workgroup on GPUs (default: all G unless B * KV workgroups are too few).
+    queries_per_table: consecutive rows of q that share a block-table row (a prefill chunk's T tokens, each a row
+    with its own position: block_tables then has B / queries_per_table rows). Causal attention within the chunk
+    is the position mask; the chunk's keys must be in the pool already."""
     KV, hd = num_kv_heads, head_dim
     if q.ndim == 4:
         B, _, G, _ = q.shape
@@ -319,7 +324,7 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
         B, G = q.shape[0], num_heads // KV
         assert q.shape[1] >= KV * G * hd, f"q {q.shape} holds fewer than {num_heads} heads of {hd}"
     assert pool.shape[0] == 2 and pool.shape[2] == KV * hd and pool.shape[1] % block_size == 0, f"pool {pool.shape}"
-    assert block_tables.ndim == 2 and block_tables.shape[0] == B and positions.shape == (B,)
+    assert block_tables.ndim == 2 and block_tables.shape[0] * queries_per_table == B and positions.shape == (B,)
     renderer = Device[pool.device if isinstance(pool.device, str) else pool.device[0]].renderer
     if max_threads is None: max_threads = 64 if B * KV >= TARGET_WORKGROUPS else 128
     threads = max_threads if renderer.has_local else 1
@@ -330,5 +335,5 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
     def fxn(o: UOp, qq: UOp, p: UOp, t: UOp, pos: UOp, *rest: UOp | int) -> UOp:
         *tables, nb = rest
         cos, sin = tables if tables else (None, None)
-        return _decode_attention_kernel(o, qq, p, t, pos, cos, sin, nb, block_size, T, gw, kstride)
+        return _decode_attention_kernel(o, qq, p, t, pos, cos, sin, nb, block_size, T, gw, kstride, queries_per_table)
     return _custom_kernel_with_var(ins, fxn, num_blocks)[0]
