@@ -64,7 +64,7 @@ class Logprob:
     top: list[tuple[int, float]]
 
 
-@dataclass
+@dataclass(slots=True)
 class Delta:
     """What a stream sends next: new ids, new text, and the finish reason once finished."""
 
@@ -110,6 +110,8 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)  # prompt + output, what the KV cache must hold
+        # ids that end the sequence (once min_tokens are out): its stop ids, and EOS unless ignored
+        self.end_ids = self.sampling.stop_token_ids | (frozenset() if self.sampling.ignore_eos else self.eos_ids)
 
     @property
     def waits_for_leader(self) -> bool:
@@ -166,28 +168,45 @@ class Sequence:
         """Accepts sampled ids up to the first that ends the sequence; returns what to stream (None if nothing).
 
         Ids are taken one at a time so that a multi-step call's tokens after a stop are discarded, exactly as if
-        the steps had run one by one."""
-        accepted: list[int] = []
+        the steps had run one by one. This runs for every running sequence at every step: local variables, no
+        per-token text copies unless stop strings need the text."""
+        sampling, push = self.sampling, self.detokenizer.push_one
+        done = len(self.output_ids)
+        room = min(sampling.max_tokens - done, self.max_length - len(self.tokens))  # new tokens it may accept
+        stop_strings = sampling.stop
+        count, finish, pieces = 0, Finish.NONE, []
         for tok in new_ids:
-            accepted.append(tok)
-            self.output_ids.append(tok)
-            self.tokens.append(tok)
-            if len(self.output_ids) >= self.sampling.min_tokens:
-                if tok in self.sampling.stop_token_ids:
-                    self.finish, self.stop_reason = Finish.STOP, str(tok)
-                elif tok in self.eos_ids and not self.sampling.ignore_eos:
-                    self.finish = Finish.STOP
-            if not self.finish and self.remaining <= 0:
-                self.finish = Finish.LENGTH
-            text_delta = self.detokenizer.push([tok], final=bool(self.finish))
-            self.text += text_delta
-            if self.sampling.stop and text_delta and self._cut_at_stop_string(len(text_delta)):
-                self.finish = Finish.STOP
-            if self.finish:
+            count += 1
+            if tok in self.end_ids and done + count >= sampling.min_tokens:
+                finish = Finish.STOP
+                if tok in sampling.stop_token_ids:
+                    self.stop_reason = str(tok)
+            elif count >= room:
+                finish = Finish.LENGTH
+            piece = push(tok, bool(finish))
+            if stop_strings and piece:
+                self.text += piece
+                if self._cut_at_stop_string(len(piece)):
+                    finish = Finish.STOP
+            else:
+                pieces.append(piece)
+            if finish:
                 break
-        delta = self._take_delta(accepted)
+        accepted = new_ids if count == len(new_ids) else new_ids[:count]
+        self.output_ids += accepted
+        self.tokens += accepted
+        self.finish = finish
+        if not stop_strings:  # nothing held back: every new piece is streamed now
+            text = pieces[0] if count == 1 else "".join(pieces)
+            self.text += text
+            self.emitted_chars = len(self.text)
+            if not accepted and not text and not finish:
+                return None
+            delta = Delta(accepted, text, finish, self.stop_reason, self.index)
+        else:
+            delta = self._take_delta(accepted)
         if delta is not None and logprobs is not None:
-            delta.logprobs = logprobs[:len(accepted)]
+            delta.logprobs = logprobs[:count]
         return delta
 
     def _cut_at_stop_string(self, delta_len: int) -> bool:

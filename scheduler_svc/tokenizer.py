@@ -29,6 +29,33 @@ class Tokenizer(Protocol):
     def token_text(self, token_id: int) -> str:
         """The token's own string (`</s>`, `<|end_of_text|>`): what a template's bos_token / eos_token names."""
 
+    pieces: "PieceTexts"  # the detokenizer's fast path
+
+
+class PieceTexts(dict):
+    """Token id -> the text the token adds after an ordinary token, or None where that depends on its neighbours
+    (byte pieces of a multi-byte character, special and out-of-range ids, SentencePiece's leading space at the
+    start of a text). Filled on first use, so a 128k vocabulary costs nothing at start: the detokenizer's common
+    case (an ordinary token after an ordinary one) becomes a dictionary lookup instead of two decode calls."""
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        super().__init__()
+        self.tok = tokenizer
+        # two unrelated one-token texts as left context: a token is ordinary if it adds the same text after both
+        self.contexts = [(ids, tokenizer.decode(ids)) for ids in
+                         ([tokenizer.encode_rendered(t)[-1]] for t in ("a", "."))]
+
+    def __missing__(self, token_id: int) -> str | None:
+        texts = set()
+        for ids, text in self.contexts:
+            full = self.tok.decode([*ids, token_id])
+            texts.add(full[len(text):] if full.startswith(text) else None)
+        text = texts.pop() if len(texts) == 1 else None
+        if not text or REPLACEMENT in text:
+            text = None
+        self[token_id] = text
+        return text
+
 
 class SentencePieceTokenizer:
     """tokenizer.model: Llama 1/2, TinyLlama, Mistral."""
@@ -45,6 +72,7 @@ class SentencePieceTokenizer:
         self._special_ids = {p: self.sp.piece_to_id(p) for p in specials if p}
         alternatives = "|".join(re.escape(p) for p in sorted(self._special_ids, key=len, reverse=True))
         self._special_re = re.compile(f"({alternatives})") if alternatives else None
+        self.pieces = PieceTexts(self)
 
     def encode(self, text: str) -> list[int]:
         ids = self.sp.encode(text)
@@ -83,6 +111,7 @@ class HFTokenizer:
         self.tok = HFTokenizerImpl.from_str(json_bytes.decode("utf-8"))
         self.bos_id, self.eos_ids = bos_id, frozenset(eos_ids)
         self.size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.pieces = PieceTexts(self)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=True).ids
@@ -116,21 +145,42 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
         self.tok = tokenizer
+        self.pieces = tokenizer.pieces
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        # everything is emitted and the last id is ordinary: an ordinary next id adds exactly its piece text
+        self.clean = bool(self.ids) and self.pieces[self.ids[-1]] is not None
+
+    def push_one(self, token_id: int, final: bool = False) -> str:
+        """push([token_id]), a dictionary lookup in the common case."""
+        if self.clean and (text := self.pieces[token_id]) is not None:
+            self.ids.append(token_id)
+            self.prefix_offset = self.read_offset
+            self.read_offset += 1
+            if self.prefix_offset > 64:
+                self._trim()
+            return text
+        return self.push([token_id], final)
 
     def push(self, new_ids: list[int], final: bool = False) -> str:
         self.ids.extend(new_ids)
         prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
         full_text = self.tok.decode(self.ids[self.prefix_offset:])
         if full_text.endswith(REPLACEMENT) and not final:
+            self.clean = False
             return ""
         delta = full_text[len(prefix_text):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        # keep the window short: drop ids that can no longer influence decoding
+        if delta:  # ids that add no text (special tokens) stay in the window: the next piece's space depends on it
+            self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        self.clean = self.pieces[self.ids[-1]] is not None
         if self.prefix_offset > 64:
-            self.ids = self.ids[self.prefix_offset:]
-            self.read_offset -= self.prefix_offset
-            self.prefix_offset = 0
+            self._trim()
         return delta
+
+    def _trim(self) -> None:
+        """Keeps the window short: drops ids that can no longer influence decoding."""
+        self.ids = self.ids[self.prefix_offset:]
+        self.read_offset -= self.prefix_offset
+        self.prefix_offset = 0

@@ -71,7 +71,7 @@ def test_incremental_detokenization_never_splits_a_character(tok):
         ids = tok.encode_rendered(text)
         assert len(ids) > len(text.encode("utf-8")) // 4  # characters outside the corpus are byte tokens
         detok = IncrementalDetokenizer(tok, prompt)
-        deltas = [detok.push([i], final=(n == len(ids) - 1)) for n, i in enumerate(ids)]
+        deltas = [detok.push_one(i, final=(n == len(ids) - 1)) for n, i in enumerate(ids)]
         assert "".join(deltas) == text
         assert not any("\ufffd" in d for d in deltas)
 

@@ -13,6 +13,9 @@ class NullDetokenizer:
     def push(self, ids, final=False) -> str:
         return ""
 
+    def push_one(self, token_id, final=False) -> str:
+        return ""
+
 
 def seq(n_prompt: int, max_tokens: int = 8, rid: str = "r") -> Sequence:
     return Sequence(rid, list(range(10, 10 + n_prompt)), Sampling(max_tokens=max_tokens), max_length=256,

@@ -1,6 +1,7 @@
 """Incremental detokenization and stop handling, with the demo checkpoint's real SentencePiece model."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from scheduler_svc.sequence import Finish, Sampling, Sequence
@@ -98,3 +99,16 @@ def test_length_limit_of_context(tok):
 def test_ids_beyond_the_tokenizer_decode_to_nothing(tok):
     seq = make_seq(tok, "Once", max_tokens=10)
     assert seq.append([tok.size + 5]).text == ""
+
+
+def test_incremental_text_matches_full_decode_for_random_pieces(tok):
+    """Any mix of ordinary, unknown and control pieces (the fast path and the slow one, a space after </s>) comes
+    out as the full decode of the same ids."""
+    rng = np.random.default_rng(0)
+    pieces = [i for i in range(tok.size) if not tok.sp.is_byte(i)]
+    for _ in range(100):
+        prompt, ids = rng.choice(pieces, 6).tolist(), rng.choice(pieces, 30).tolist()
+        detok = IncrementalDetokenizer(tok, prompt)
+        got = "".join(detok.push_one(i, final=n == len(ids) - 1) for n, i in enumerate(ids))
+        context = prompt[-5:]
+        assert got == tok.decode(context + ids)[len(tok.decode(context)):]
