@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import random
 import time
@@ -23,7 +24,7 @@ import numpy as np
 
 from scheduler_svc.block_manager import BlockManager, BlockTable
 from scheduler_svc.scheduler import PIPELINE_DEPTH, STREAM_STEPS, ScheduledBatch, Scheduler
-from scheduler_svc.sequence import Finish, Sampling, Sequence
+from scheduler_svc.sequence import ROW_DTYPE, Finish, Sampling, Sequence
 from scheduler_svc.chat import ChatTemplate, load_chat_template
 from scheduler_svc.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from shared.auth import call_metadata
@@ -43,6 +44,7 @@ WORKER_TIMEOUT_S = 10.0  # default of --worker-timeout
 STREAM_BUFFER = 1024  # default of --max-stream-buffer
 # reconnect to a worker within a second of its return (shared.service.FAST_RECONNECT)
 WORKER_CHANNEL_OPTIONS = [*GRPC_OPTIONS, *FAST_RECONNECT]
+_TABLE_COLUMNS = np.arange(1 << 16)
 
 
 @dataclass
@@ -381,16 +383,21 @@ class Engine:
             prefix_cache_evictions=self.blocks.evictions)
 
 
+# a padding row's sampling record: greedy, no filters, no penalties
+PADDING_ROW = Sampling(temperature=0.0, seed=0).row
+
+
 def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> worker_pb2.ExecuteRequest:
     """Pads the planned batch to its bucket: padding rows have chunk_len 0 and a table of null blocks. Column by
-    column from Python lists (one NumPy conversion per array, not one assignment per row and field)."""
+    column (one NumPy conversion per array, not one assignment per row and field); the sampling columns come
+    from each sequence's packed record (Sampling.row)."""
     B, T, n = batch.rows, batch.tokens, len(batch.seqs)
-    samplings = [seq.sampling for seq in batch.seqs]
+    seqs = batch.seqs
 
-    def column(values, dtype, fill=0) -> np.ndarray:
+    def column(values, dtype, fill=0) -> bytes:
         out = np.full(B, fill, dtype)
         out[:n] = values
-        return out
+        return out.tobytes()
 
     tokens = np.zeros((B, T), np.int32)
     if T == 1:
@@ -398,37 +405,27 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> w
     else:
         for i, inputs in enumerate(batch.inputs):
             tokens[i, :len(inputs)] = inputs
-    positions, chunk_lens = column(batch.positions, np.int32), column(batch.chunk_lens, np.int32)
-    prev_rows, counters = column(batch.prev_rows, np.int32, -1), column(batch.counters, np.uint32)
-    temperature = column([s.temperature for s in samplings], np.float32)
-    top_p = column([s.top_p for s in samplings], np.float32, 1.0)
-    top_k = column([s.top_k for s in samplings], np.int32)
-    seeds = column([s.seed & 0xFFFFFFFF for s in samplings], np.uint32)
-    seeds_high = column([s.seed >> 32 for s in samplings], np.uint32)
+    rows = np.frombuffer(b"".join([seq.sampling.row for seq in seqs]) + PADDING_ROW * (B - n), ROW_DTYPE)
     # the block table's one home is the sequence's block list: each call's rows are built from it here
-    lengths = [len(seq.blocks.block_ids) for seq in batch.seqs]
+    block_lists = [seq.blocks.block_ids for seq in seqs]
     tables = np.zeros((B, table_width), np.int32)
     if n:
-        tables[:n][np.arange(table_width) < np.array(lengths)[:, None]] = \
-            [b for seq in batch.seqs for b in seq.blocks.block_ids]
-    extras = any(seq.slot or seq.sampling.min_p for seq in batch.seqs)
-    if extras:
-        slots, min_p = column(batch.slots, np.int32), column([s.min_p for s in samplings], np.float32)
-        repetition = column([s.repetition_penalty for s in samplings], np.float32, 1.0)
-        presence = column([s.presence_penalty for s in samplings], np.float32)
-        frequency = column([s.frequency_penalty for s in samplings], np.float32)
-    fed = bool((prev_rows >= 0).any())
+        tables[:n][_TABLE_COLUMNS[:table_width] < np.array(list(map(len, block_lists)))[:, None]] = \
+            list(itertools.chain.from_iterable(block_lists))
+    fed = any(row >= 0 for row in batch.prev_rows)
     request = worker_pb2.ExecuteRequest(
-        rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(), positions=positions.tobytes(),
-        chunk_lens=chunk_lens.tobytes(), block_tables=tables.tobytes(), temperature=temperature.tobytes(),
-        top_p=top_p.tobytes(), top_k=top_k.tobytes(), seeds=seeds.tobytes(), counters=counters.tobytes(),
-        seeds_high=seeds_high.tobytes(),
+        rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(),
+        positions=column(batch.positions, np.int32), chunk_lens=column(batch.chunk_lens, np.int32),
+        block_tables=tables.tobytes(), temperature=rows["temperature"].tobytes(), top_p=rows["top_p"].tobytes(),
+        top_k=rows["top_k"].tobytes(), seeds=rows["seed"].tobytes(), seeds_high=rows["seed_high"].tobytes(),
+        counters=column(batch.counters, np.uint32),
         instance_id=instance_id, call_index=batch.call_index, previous_call=batch.previous_call,
-        previous_rows=prev_rows.tobytes() if fed else b"", logprobs=batch.logprobs)
-    if extras:
-        request.slots, request.min_p = slots.tobytes(), min_p.tobytes()
-        request.repetition_penalty, request.presence_penalty = repetition.tobytes(), presence.tobytes()
-        request.frequency_penalty = frequency.tobytes()
+        previous_rows=column(batch.prev_rows, np.int32, -1) if fed else b"", logprobs=batch.logprobs)
+    if any(batch.slots) or rows["min_p"].any():  # the full graph's inputs; the plain graph needs none of them
+        request.slots, request.min_p = column(batch.slots, np.int32), rows["min_p"].tobytes()
+        request.repetition_penalty = rows["repetition_penalty"].tobytes()
+        request.presence_penalty = rows["presence_penalty"].tobytes()
+        request.frequency_penalty = rows["frequency_penalty"].tobytes()
     for seq in batch.slot_inits:
         s = seq.sampling
         request.slot_inits.add(

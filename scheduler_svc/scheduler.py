@@ -98,6 +98,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.inflight: deque[ScheduledBatch] = deque()  # calls planned and not yet settled, oldest first
         self.num_calls = 0
+        # some running sequence may be in prefill: set by whatever can put one there (admission, a prefill call
+        # planned, applied or discarded, any discarded call), cleared by a scan that finds none, so that steady
+        # decode does not look for prefill work in every sequence at every step
+        self._maybe_prefill = False
         self.call_base = call_base  # call indices are call_base + 1, + 2, ...: distinct per scheduler session
         self.num_preemptions = 0
 
@@ -144,11 +148,12 @@ class Scheduler:
             return None
         for _ in range(len(self.running) + len(self.waiting) + 1):
             self._admit()
-            prefill = [s for s in self.running if s.in_prefill]
+            prefill = [s for s in self.running if s.in_prefill] if self._maybe_prefill else None
+            self._maybe_prefill = bool(prefill)
             batch = self._prefill_batch(prefill) if prefill else None
             if batch is None:
-                decode = [s for s in self.running if s.num_pending == 1 and s.remaining_to_schedule > 0]
-                batch = self._decode_batch(decode) if decode else None
+                decode, longest = self._decode_candidates()
+                batch = self._decode_batch(decode, longest) if decode else None
             if batch is not None:
                 self._launch(batch)
                 return batch
@@ -156,10 +161,24 @@ class Scheduler:
                 return None
         return None
 
+    def _decode_candidates(self) -> tuple[list[Sequence], int]:
+        """Running sequences with exactly their newest token pending and tokens left to plan for, and the most
+        tokens any of them may still get (Sequence.num_pending and remaining_to_schedule, inlined: this runs
+        over every running sequence at every step)."""
+        decode, longest = [], 0
+        for s in self.running:
+            planned = len(s.tokens) + s.inflight_tokens
+            if planned - s.num_computed - s.inflight_computed == 1:
+                left = min(s.sampling.max_tokens - len(s.output_ids) - s.inflight_tokens, s.max_length - planned)
+                if left > 0:
+                    decode.append(s)
+                    longest = max(longest, left)
+        return decode, longest
+
     def _call_steps(self) -> int:
         """Steps of the next decode call: join_steps while requests are arriving or an admitted one still waits
         for its prefill, stream_steps once the batch is stable."""
-        arriving = self._calls_since_arrival < ARRIVING_CALLS or any(s.in_prefill for s in self.running)
+        arriving = self._calls_since_arrival < ARRIVING_CALLS or self._maybe_prefill
         return max(1, self.join_steps if arriving else self.stream_steps)
 
     def _admit(self) -> None:
@@ -183,6 +202,7 @@ class Scheduler:
                 continue
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            self._maybe_prefill = True
             if seq.sampling.needs_slot and not seq.slot:
                 seq.slot, seq.slot_ready = self.free_slots.pop(), False
             self.running.append(seq)
@@ -214,22 +234,26 @@ class Scheduler:
             return None
         return ScheduledBatch(chosen, rows, tokens, lens)
 
-    def _decode_batch(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+    def _decode_batch(self, seqs: list[Sequence], longest: int) -> ScheduledBatch | None:
         """Oldest first, every decoding sequence gets blocks for the call's steps. When blocks run out, the
         youngest sequence not yet in this batch (and in no call in flight) is preempted, or, if there is none,
         the sequence itself: a sequence already placed in the batch is never preempted (it would run with no
         blocks). A sequence that a call in flight still uses is left out of this call instead (its blocks are
         being written); once that call returns it can be preempted like any other."""
         # run as many steps as the longest-lived row can use; rows that finish early discard the rest
-        steps = max(1, min(self._call_steps(), max(s.remaining_to_schedule for s in seqs)))
+        steps = max(1, min(self._call_steps(), longest))
         ready: list[Sequence] = []
+        block_size, running = self.blocks.block_size, Status.RUNNING
         for seq in seqs:
             if len(ready) >= self.max_batched_tokens:
                 break
-            if seq.status is not Status.RUNNING:
+            if seq.status is not running:
                 continue  # preempted below to make room for an older one
             # positions written: planned_len - 1 ... planned_len + steps - 2, within the sequence's limit
-            need = min(seq.planned_len + steps - 1, seq.max_length)
+            need = min(len(seq.tokens) + seq.inflight_tokens + steps - 1, seq.max_length)
+            if -(-need // block_size) <= len(seq.blocks.block_ids):  # the common case: its blocks suffice
+                ready.append(seq)
+                continue
             placed = True
             while not self.blocks.can_grow(seq.blocks, need):
                 if not self._preempt_youngest(spare=[*ready, seq]):
@@ -294,35 +318,62 @@ class Scheduler:
         """Plans each row's inputs from the state after the calls in flight, then counts the call in flight."""
         self.num_calls += 1
         self._calls_since_arrival += 1
-        batch.call_index = self.call_base + self.num_calls
+        batch.call_index = index = self.call_base + self.num_calls
         previous = self.inflight[-1] if self.inflight else None
         batch.previous_call = previous.call_index if previous else 0
-        for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
+        for seq in batch.seqs:
             if seq.slot and not seq.slot_ready:
                 batch.slot_inits.append(seq)
                 seq.slot_ready = True
-            batch.logprobs |= seq.sampling.logprobs is not None
+        batch.logprobs = any(seq.sampling.logprobs is not None for seq in batch.seqs)
+        if batch.is_prefill:
+            self._maybe_prefill = True
+            self._plan_prefill(batch, previous)
+        else:
+            self._plan_decode(batch, previous)
+        self.inflight.append(batch)
+
+    @staticmethod
+    def _plan_prefill(batch: ScheduledBatch, previous: ScheduledBatch | None) -> None:
+        for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
             start = seq.planned_computed
             batch.positions.append(start)
             batch.counters.append(len(seq.output_ids) + seq.inflight_tokens)
-            if seq.inflight_tokens and start + length > len(seq.tokens):
-                # its newest token is being sampled by the previous call: the worker feeds it forward
-                assert not batch.is_prefill and length == 1 and previous is not None
-                assert seq.feed is not None and seq.feed[0] == previous.call_index, "fed from a call not in flight"
-                batch.inputs.append([0])
-                batch.prev_rows.append(seq.feed[1])
-            else:
-                batch.inputs.append(seq.tokens[start:start + length])
-                batch.prev_rows.append(-1)
-            samples = batch.num_steps if not batch.is_prefill else int(start + length == seq.planned_len)
+            batch.inputs.append(seq.tokens[start:start + length])
+            batch.prev_rows.append(-1)
+            samples = int(start + length == seq.planned_len)
             batch.new_tokens.append(samples)
             batch.slots.append(seq.slot if samples else 0)
             seq.inflight_tokens += samples
-            seq.inflight_computed += batch.written(i)
+            seq.inflight_computed += length
             seq.inflight_calls += 1
             if samples:
                 seq.feed = (batch.call_index, i)
-        self.inflight.append(batch)
+
+    @staticmethod
+    def _plan_decode(batch: ScheduledBatch, previous: ScheduledBatch | None) -> None:
+        """One token per row, num_steps samples: the hot path of a stable batch, so one tight loop."""
+        steps, index = batch.num_steps, batch.call_index
+        positions, counters, inputs, prev_rows = batch.positions, batch.counters, batch.inputs, batch.prev_rows
+        for i, seq in enumerate(batch.seqs):
+            inflight = seq.inflight_tokens
+            start = seq.num_computed + seq.inflight_computed  # planned_computed: the newest token's position
+            positions.append(start)
+            counters.append(len(seq.output_ids) + inflight)
+            if inflight:  # its newest token is being sampled by the previous call: the worker feeds it forward
+                assert seq.feed is not None and previous is not None and seq.feed[0] == previous.call_index, \
+                    "fed from a call not in flight"
+                inputs.append([0])
+                prev_rows.append(seq.feed[1])
+            else:
+                inputs.append([seq.tokens[start]])
+                prev_rows.append(-1)
+            seq.inflight_tokens = inflight + steps
+            seq.inflight_computed += steps
+            seq.inflight_calls += 1
+            seq.feed = (index, i)
+        batch.new_tokens = [steps] * len(batch.seqs)
+        batch.slots = [seq.slot for seq in batch.seqs]
 
     def _settle_row(self, batch: ScheduledBatch, i: int) -> Sequence:
         """Row i's call is over (applied or discarded): it no longer counts in the plan; a finished sequence
@@ -344,16 +395,32 @@ class Scheduler:
         (their blocks once no call in flight uses them)."""
         assert self.inflight and self.inflight[0] is batch, "results must be applied in the order of the calls"
         self.inflight.popleft()
+        if batch.is_prefill:
+            self._maybe_prefill = True
         out: list[tuple[Sequence, Delta]] = []
-        for i, length in enumerate(batch.chunk_lens):
-            seq = self._settle_row(batch, i)
-            if seq.status is Status.FINISHED:  # finished or aborted while the call ran: results discarded
-                continue
-            if batch.is_prefill:
-                seq.num_computed += length
-                new = [int(sampled[i, 0])] if batch.new_tokens[i] else []
+        rows = sampled.tolist()  # one conversion, not one per row
+        blocks, block_size = self.blocks, self.blocks.block_size
+        prefill, steps, index = batch.is_prefill, batch.num_steps, batch.call_index
+        finished = Status.FINISHED
+        for i, seq in enumerate(batch.seqs):
+            # the call is over: it no longer counts in the plan (_settle_row, inlined for decode rows)
+            if prefill:
+                self._settle_row(batch, i)
             else:
-                new = sampled[i, :batch.num_steps].tolist()
+                seq.inflight_tokens -= steps
+                seq.inflight_computed -= steps
+                seq.inflight_calls -= 1
+                if seq.feed is not None and seq.feed[0] == index:
+                    seq.feed = None
+                if seq.status is finished and not seq.inflight_calls:
+                    self._release(seq)
+            if seq.status is finished:  # finished or aborted while the call ran: results discarded
+                continue
+            if prefill:
+                seq.num_computed += batch.chunk_lens[i]
+                new = rows[i][:1] if batch.new_tokens[i] else []
+            else:
+                new = rows[i]
             delta = None
             if new:
                 wanted = seq.sampling.logprobs
@@ -361,11 +428,12 @@ class Scheduler:
                                    else _logprobs(new, logprobs[i, :len(new)], wanted))
                 seq.num_computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
             # only K/V of calls that returned: a block is published once all its tokens were really written
-            self.blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
+            if seq.num_computed // block_size > seq.blocks.num_hashed_blocks:
+                blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
             if delta is not None:
                 out.append((seq, delta))
-            if seq.finish:
-                self.remove(seq)
+                if seq.finish:
+                    self.remove(seq)
         return out
 
     def discard(self, batch: ScheduledBatch) -> None:
@@ -373,6 +441,7 @@ class Scheduler:
         taken out of the plan, so the next call is planned from what really happened."""
         assert self.inflight and self.inflight[0] is batch, "calls must be settled in order"
         self.inflight.popleft()
+        self._maybe_prefill = True  # its rows' tokens and positions are planned again
         for seq in batch.slot_inits:  # never filled: the next call that has the sequence fills the slot
             seq.slot_ready = False
         for i in range(len(batch.seqs)):
