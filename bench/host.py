@@ -69,9 +69,9 @@ def measure(tokenizer_model: bytes, running: int, steps: int = 300, prompt_len: 
             if delta.logprobs:
                 for lp_ in delta.logprobs:
                     entry = msg.logprobs.add(token_id=lp_.token_id, logprob=lp_.logprob, rank=lp_.rank,
-                                             text=tok.decode([lp_.token_id]))
+                                             text=tok.texts[lp_.token_id])
                     for r, (t, v) in enumerate(lp_.top, 1):
-                        entry.top.add(token_id=t, logprob=v, rank=r, text=tok.decode([t]))
+                        entry.top.add(token_id=t, logprob=v, rank=r, text=tok.texts[t])
             msg.SerializeToString()
         return batch.is_prefill, time.perf_counter() - t0, time.thread_time() - c0
 

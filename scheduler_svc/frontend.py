@@ -168,12 +168,12 @@ class RequestStream:
             self.close()
 
     def _add_logprobs(self, response: scheduler_pb2.GenerateResponse, logprobs) -> None:
-        decode = self.frontend.engine.tokenizer.decode
+        texts = self.frontend.engine.tokenizer.texts
         for lp in logprobs:
             entry = response.logprobs.add(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
-                                          text=decode([lp.token_id]))
+                                          text=texts[lp.token_id])
             for rank, (token_id, value) in enumerate(lp.top, 1):
-                entry.top.add(token_id=token_id, logprob=value, rank=rank, text=decode([token_id]))
+                entry.top.add(token_id=token_id, logprob=value, rank=rank, text=texts[token_id])
 
     def close(self) -> None:
         if self.closed:

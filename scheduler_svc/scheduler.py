@@ -167,9 +167,8 @@ class Scheduler:
         over every running sequence at every step)."""
         decode, longest = [], 0
         for s in self.running:
-            planned = len(s.tokens) + s.inflight_tokens
-            if planned - s.num_computed - s.inflight_computed == 1:
-                left = min(s.sampling.max_tokens - len(s.output_ids) - s.inflight_tokens, s.max_length - planned)
+            if len(s.tokens) + s.inflight_tokens - s.num_computed - s.inflight_computed == 1:
+                left = s.max_new_tokens - len(s.output_ids) - s.inflight_tokens
                 if left > 0:
                     decode.append(s)
                     longest = max(longest, left)
@@ -399,6 +398,7 @@ class Scheduler:
             self._maybe_prefill = True
         out: list[tuple[Sequence, Delta]] = []
         rows = sampled.tolist()  # one conversion, not one per row
+        sorted_logprobs = _SortedLogprobs(logprobs) if logprobs is not None else None
         blocks, block_size = self.blocks, self.blocks.block_size
         prefill, steps, index = batch.is_prefill, batch.num_steps, batch.call_index
         finished = Status.FINISHED
@@ -424,8 +424,8 @@ class Scheduler:
             delta = None
             if new:
                 wanted = seq.sampling.logprobs
-                delta = seq.append(new, None if wanted is None or logprobs is None
-                                   else _logprobs(new, logprobs[i, :len(new)], wanted))
+                delta = seq.append(new, None if wanted is None or sorted_logprobs is None
+                                   else sorted_logprobs.row(i, new, wanted))
                 seq.num_computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
             # only K/V of calls that returned: a block is published once all its tokens were really written
             if seq.num_computed // block_size > seq.blocks.num_hashed_blocks:
@@ -448,12 +448,20 @@ class Scheduler:
             self._settle_row(batch, i)
 
 
-def _logprobs(tokens: list[int], rows: np.ndarray, k: int) -> list[Logprob]:
-    """Per step of one row, (2 + 2 K) floats from the worker: chosen logprob, rank, K ids, K logprobs (in no
-    order); the k most likely, most likely first (ties: lower id first)."""
-    K = (rows.shape[-1] - 2) // 2
-    ids, values = rows[:, 2:2 + K].astype(np.int64), rows[:, 2 + K:]
-    order = np.lexsort((ids, -values), axis=-1)[:, :k]
-    top_ids, top_values = np.take_along_axis(ids, order, -1).tolist(), np.take_along_axis(values, order, -1).tolist()
-    return [Logprob(token_id=t, logprob=float(r[0]), rank=int(r[1]), top=list(zip(i, v)))
-            for t, r, i, v in zip(tokens, rows, top_ids, top_values)]
+class _SortedLogprobs:
+    """A call's logprobs, (rows, steps, 2 + 2 K) floats from the worker: per step the chosen token's logprob and
+    rank, then K ids and their K logprobs in no order. Sorted for the whole call at once (most likely first,
+    ties: lower id first) and converted to Python once, not per row."""
+
+    def __init__(self, raw: np.ndarray):
+        K = (raw.shape[-1] - 2) // 2
+        ids, values = raw[..., 2:2 + K].astype(np.int64), raw[..., 2 + K:]
+        order = np.lexsort((ids, -values), axis=-1)
+        self.chosen = raw[..., :2].tolist()
+        self.ids = np.take_along_axis(ids, order, -1).tolist()
+        self.values = np.take_along_axis(values, order, -1).tolist()
+
+    def row(self, i: int, tokens: list[int], k: int) -> list[Logprob]:
+        """Row i's logprobs for its sampled tokens, with the k most likely alternatives."""
+        return [Logprob(token_id=t, logprob=c[0], rank=int(c[1]), top=list(zip(ids[:k], values[:k])))
+                for t, c, ids, values in zip(tokens, self.chosen[i], self.ids[i], self.values[i])]

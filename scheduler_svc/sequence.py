@@ -72,6 +72,9 @@ class Sampling:
                     or self.logit_bias[0] or self.allowed_token_ids)
 
 
+_NONE, _STOP, _LENGTH = Finish.NONE, Finish.STOP, Finish.LENGTH  # module globals: quicker than Finish.X
+
+
 @dataclass
 class Logprob:
     """One sampled token's log-probability, rank, and the top alternatives as (id, logprob), most likely first."""
@@ -112,7 +115,7 @@ class Sequence:
     blocks: BlockTable = field(default_factory=BlockTable)
     finish: Finish = Finish.NONE
     stop_reason: str = ""
-    text: str = ""  # output text so far, stop strings cut
+    text: str = ""  # output text so far, stop strings cut; kept only for requests with stop strings
     emitted_chars: int = 0
     num_preemptions: int = 0
     cached_prompt_tokens: int = 0  # found in the prefix cache at the admission that produced the first token
@@ -128,6 +131,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)  # prompt + output, what the KV cache must hold
+        self.max_new_tokens = min(self.sampling.max_tokens, self.max_length - len(self.prompt_ids))
         # ids that end the sequence (once min_tokens are out): its stop ids, and EOS unless ignored
         self.end_ids = self.sampling.stop_token_ids | (frozenset() if self.sampling.ignore_eos else self.eos_ids)
 
@@ -168,7 +172,7 @@ class Sequence:
     @property
     def remaining(self) -> int:
         """New tokens the sequence may still accept (applied results only: what stop logic uses)."""
-        return min(self.sampling.max_tokens - len(self.output_ids), self.max_length - len(self.tokens))
+        return self.max_new_tokens - len(self.output_ids)
 
     @property
     def remaining_to_schedule(self) -> int:
@@ -186,43 +190,39 @@ class Sequence:
         """Accepts sampled ids up to the first that ends the sequence; returns what to stream (None if nothing).
 
         Ids are taken one at a time so that a multi-step call's tokens after a stop are discarded, exactly as if
-        the steps had run one by one. This runs for every running sequence at every step: local variables, no
-        per-token text copies unless stop strings need the text."""
+        the steps had run one by one. This runs for every running sequence at every step: local variables and
+        module-level enum members, and the output text is kept only where stop strings need it."""
         sampling, push = self.sampling, self.detokenizer.push_one
         done = len(self.output_ids)
-        room = min(sampling.max_tokens - done, self.max_length - len(self.tokens))  # new tokens it may accept
+        room = self.max_new_tokens - done  # new tokens it may accept
         stop_strings = sampling.stop
-        count, finish, pieces = 0, Finish.NONE, []
+        count, finish, pieces = 0, _NONE, []
         for tok in new_ids:
             count += 1
             if tok in self.end_ids and done + count >= sampling.min_tokens:
-                finish = Finish.STOP
+                finish = _STOP
                 if tok in sampling.stop_token_ids:
                     self.stop_reason = str(tok)
             elif count >= room:
-                finish = Finish.LENGTH
-            piece = push(tok, bool(finish))
+                finish = _LENGTH
+            piece = push(tok, finish is not _NONE)
             if stop_strings and piece:
                 self.text += piece
                 if self._cut_at_stop_string(len(piece)):
-                    finish = Finish.STOP
+                    finish = _STOP
             else:
                 pieces.append(piece)
-            if finish:
+            if finish is not _NONE:
                 break
         accepted = new_ids if count == len(new_ids) else new_ids[:count]
         self.output_ids += accepted
         self.tokens += accepted
         self.finish = finish
-        if not stop_strings:  # nothing held back: every new piece is streamed now
-            text = pieces[0] if count == 1 else "".join(pieces)
-            self.text += text
-            self.emitted_chars = len(self.text)
-            if not accepted and not text and not finish:
-                return None
-            delta = Delta(accepted, text, finish, self.stop_reason, self.index)
-        else:
+        if stop_strings:
             delta = self._take_delta(accepted)
+        else:  # nothing held back: every new piece is streamed now
+            delta = Delta(accepted, pieces[0] if count == 1 else "".join(pieces), finish, self.stop_reason,
+                          self.index)
         if delta is not None and logprobs is not None:
             delta.logprobs = logprobs[:count]
         return delta

@@ -30,6 +30,7 @@ class Tokenizer(Protocol):
         """The token's own string (`</s>`, `<|end_of_text|>`): what a template's bos_token / eos_token names."""
 
     pieces: "PieceTexts"  # the detokenizer's fast path
+    texts: "TokenTexts"  # decode([id]) of each id, cached
 
 
 class PieceTexts(dict):
@@ -57,6 +58,18 @@ class PieceTexts(dict):
         return text
 
 
+class TokenTexts(dict):
+    """Token id -> decode([id]), the text a logprob entry shows for it; filled on first use."""
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        super().__init__()
+        self.decode = tokenizer.decode
+
+    def __missing__(self, token_id: int) -> str:
+        text = self[token_id] = self.decode([token_id])
+        return text
+
+
 class SentencePieceTokenizer:
     """tokenizer.model: Llama 1/2, TinyLlama, Mistral."""
 
@@ -72,7 +85,7 @@ class SentencePieceTokenizer:
         self._special_ids = {p: self.sp.piece_to_id(p) for p in specials if p}
         alternatives = "|".join(re.escape(p) for p in sorted(self._special_ids, key=len, reverse=True))
         self._special_re = re.compile(f"({alternatives})") if alternatives else None
-        self.pieces = PieceTexts(self)
+        self.pieces, self.texts = PieceTexts(self), TokenTexts(self)
 
     def encode(self, text: str) -> list[int]:
         ids = self.sp.encode(text)
@@ -111,7 +124,7 @@ class HFTokenizer:
         self.tok = HFTokenizerImpl.from_str(json_bytes.decode("utf-8"))
         self.bos_id, self.eos_ids = bos_id, frozenset(eos_ids)
         self.size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.pieces = PieceTexts(self)
+        self.pieces, self.texts = PieceTexts(self), TokenTexts(self)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=True).ids
