@@ -107,7 +107,7 @@ def test_cached_prefix_held_by_a_waiting_request_never_stalls_decode():
     sched.add(waiting)
     batch = sched.schedule()
     assert batch is not None and batch.seqs == [runner] and not batch.is_prefill
-    assert waiting.status is Status.WAITING and waiting.blocks.block_ids == []
+    assert waiting.status is Status.WAITING and not waiting.blocks.block_ids
 
 
 def test_waiting_requests_holding_blocks_do_not_block_admission():
@@ -150,7 +150,7 @@ def test_a_sequence_already_in_the_decode_batch_is_never_preempted():
     # old needs its third block (the last free one) at 9 tokens; young needs a second one at 5 and there is none
     batch = sched.schedule()
     assert batch.seqs == [old] and old.status is Status.RUNNING
-    assert young.status is Status.WAITING and young.blocks.block_ids == [] and sched.num_preemptions == 1
+    assert young.status is Status.WAITING and not young.blocks.block_ids and sched.num_preemptions == 1
     assert len(old.blocks.block_ids) * 4 >= len(old.tokens)
 
 
