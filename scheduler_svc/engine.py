@@ -399,11 +399,11 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> w
         return out.tobytes()
 
     tokens = np.zeros((B, T), np.int32)
-    if T == 1:
-        tokens[:n, 0] = [inputs[0] for inputs in batch.inputs]
-    else:
+    if batch.is_prefill:
         for i, inputs in enumerate(batch.inputs):
             tokens[i, :len(inputs)] = inputs
+    else:
+        tokens[:n, 0] = batch.inputs
     rows = np.frombuffer(b"".join([seq.sampling.row for seq in seqs]) + PADDING_ROW * (B - n), ROW_DTYPE)
     # the block table's one home is the sequence's block list: each call's rows are built from it here
     block_lists = [seq.blocks.block_ids for seq in seqs]
@@ -411,7 +411,7 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> w
     if n:
         tables[:n][_TABLE_COLUMNS[:table_width] < np.array(list(map(len, block_lists)))[:, None]] = \
             np.frombuffer(b"".join(block_lists), np.int32)
-    fed = any(row >= 0 for row in batch.prev_rows)
+    fed = max(batch.prev_rows, default=-1) >= 0
     request = worker_pb2.ExecuteRequest(
         rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(),
         positions=column(batch.positions, np.int32), chunk_lens=column(batch.chunk_lens, np.int32),

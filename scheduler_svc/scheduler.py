@@ -54,7 +54,8 @@ class ScheduledBatch:
     num_steps: int = 1
     # filled by the scheduler when the call is planned (`Scheduler._launch`), one entry per sequence
     positions: list[int] = field(default_factory=list)  # position of the row's first token
-    inputs: list[list[int]] = field(default_factory=list)  # the row's input tokens ([0] for a fed row)
+    # the row's input tokens: a list per row for prefill, one token per row for decode (0 for a fed row)
+    inputs: list[list[int]] | list[int] = field(default_factory=list)
     prev_rows: list[int] = field(default_factory=list)  # row of previous_call whose last token is the input, or -1
     counters: list[int] = field(default_factory=list)  # tokens the sequence has sampled before this call
     new_tokens: list[int] = field(default_factory=list)  # tokens the row samples that the sequence keeps
@@ -362,10 +363,10 @@ class Scheduler:
             if inflight:  # its newest token is being sampled by the previous call: the worker feeds it forward
                 assert seq.feed is not None and previous is not None and seq.feed[0] == previous.call_index, \
                     "fed from a call not in flight"
-                inputs.append([0])
+                inputs.append(0)
                 prev_rows.append(seq.feed[1])
             else:
-                inputs.append([seq.tokens[start]])
+                inputs.append(seq.tokens[start])
                 prev_rows.append(-1)
             seq.inflight_tokens = inflight + steps
             seq.inflight_computed += steps

@@ -185,7 +185,7 @@ def test_the_next_call_is_planned_from_the_state_after_the_call_in_flight():
     assert s.output_ids == [50, 51, 52, 53, 54] and s.num_computed == len(s.tokens) - 1
     assert (s.inflight_tokens, s.inflight_computed, s.inflight_calls, s.feed) == (0, 0, 0, None)
     fourth = sched.schedule()  # nothing in flight: real token ids
-    assert fourth.previous_call == 0 and fourth.prev_rows == [-1] and fourth.inputs == [[54]]
+    assert fourth.previous_call == 0 and fourth.prev_rows == [-1] and fourth.inputs == [54]
 
 
 def test_a_sequence_that_stops_keeps_its_blocks_until_its_last_call_returns():
@@ -237,7 +237,7 @@ def test_a_refused_call_is_taken_out_of_the_plan():
     assert (s.inflight_tokens, s.inflight_computed, s.inflight_calls, s.feed) == (0, 0, 0, None)
     assert s.num_pending == 1 and s.planned_len == 7
     again = sched.schedule()
-    assert again.previous_call == 0 and again.prev_rows == [-1] and again.inputs == [[50]]
+    assert again.previous_call == 0 and again.prev_rows == [-1] and again.inputs == [50]
     assert again.positions == [6] and again.counters == [1]
 
 
