@@ -222,7 +222,7 @@ class Sequence:
             delta = self._take_delta(accepted)
         else:  # nothing held back: every new piece is streamed now
             delta = Delta(accepted, pieces[0] if count == 1 else "".join(pieces), finish, self.stop_reason,
-                          self.index)
+                          index=self.index)
         if delta is not None and logprobs is not None:
             delta.logprobs = logprobs[:count]
         return delta

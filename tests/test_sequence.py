@@ -112,3 +112,12 @@ def test_incremental_text_matches_full_decode_for_random_pieces(tok):
         got = "".join(detok.push_one(i, final=n == len(ids) - 1) for n, i in enumerate(ids))
         context = prompt[-5:]
         assert got == tok.decode(context + ids)[len(tok.decode(context)):]
+
+
+def test_a_delta_names_its_sample_and_carries_no_logprobs_unasked(tok):
+    ids = tok.encode("Once")
+    for stop in ((), ("zz",)):  # the path without stop strings and the one with
+        seq = Sequence("r", ids, Sampling(max_tokens=10, stop=stop), max_length=1000, index=3,
+                       detokenizer=IncrementalDetokenizer(tok, ids), eos_ids=tok.eos_ids)
+        delta = seq.append([5])
+        assert delta.index == 3 and delta.logprobs is None and delta.token_ids == [5]
