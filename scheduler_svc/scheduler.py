@@ -103,6 +103,9 @@ class Scheduler:
         # planned, applied or discarded, any discarded call), cleared by a scan that finds none, so that steady
         # decode does not look for prefill work in every sequence at every step
         self._maybe_prefill = False
+        # running sequences chosen for preemption by a waiting one of higher priority while a call in flight still
+        # used them: no new call includes them; recomputed at each admission pass
+        self._draining: set[Sequence] = set()
         self.call_base = call_base  # call indices are call_base + 1, + 2, ...: distinct per scheduler session
         self.num_preemptions = 0
 
@@ -151,6 +154,8 @@ class Scheduler:
             self._admit()
             prefill = [s for s in self.running if s.in_prefill] if self._maybe_prefill else None
             self._maybe_prefill = bool(prefill)
+            if prefill and self._draining:
+                prefill = [s for s in prefill if s not in self._draining]
             batch = self._prefill_batch(prefill) if prefill else None
             if batch is None:
                 decode, longest = self._decode_candidates()
@@ -167,7 +172,10 @@ class Scheduler:
         tokens any of them may still get (Sequence.num_pending and remaining_to_schedule, inlined: this runs
         over every running sequence at every step)."""
         decode, longest = [], 0
+        draining = self._draining
         for s in self.running:
+            if draining and s in draining:
+                continue  # to be preempted once its calls return
             if len(s.tokens) + s.inflight_tokens - s.num_computed - s.inflight_computed == 1:
                 left = s.max_new_tokens - len(s.output_ids) - s.inflight_tokens
                 if left > 0:
@@ -182,30 +190,72 @@ class Scheduler:
         return max(1, self.join_steps if arriving else self.stream_steps)
 
     def _admit(self) -> None:
-        """Moves waiting sequences to running while rows and blocks for their first chunk are free."""
-        while self.waiting and len(self.running) < self.max_running:
+        """Moves waiting sequences to running while a row, a slot if it needs one, and blocks for their first
+        chunk are free. When the head of the queue lacks one of them, a running sequence of lower priority (a
+        higher value) gives its own back: preempted, as vLLM's priority scheduling does on arrival."""
+        self._draining.clear()
+        if not self.waiting:
+            return
+        reserved = self._blocks_reserved()  # free blocks that admitted sequences' next chunks will take
+        while self.waiting:
             seq = self.waiting[0]
             if seq.waits_for_leader:
                 break  # its leader's first token is a call or two away
+            if len(self.running) >= self.max_running:
+                if self._preempt_for(seq, lambda s: True):
+                    continue
+                break
+            if seq.sampling.needs_slot and not seq.slot and not self.free_slots:
+                # every slot is taken by a running sequence: it joins when one leaves
+                if self._preempt_for(seq, lambda s: s.slot):
+                    continue
+                break
             if not seq.blocks.block_ids:
                 self.blocks.allocate_prompt(seq.blocks, seq.tokens)
                 seq.num_computed = seq.blocks.num_cached_tokens
                 if not seq.output_ids:  # reported for the admission that produces the first token
                     seq.cached_prompt_tokens = seq.num_computed
             first_chunk = min(seq.num_pending, self.prefill_shapes[-1][1], self.max_batched_tokens)
-            if seq.sampling.needs_slot and not seq.slot and not self.free_slots:
-                break  # every slot is taken by a running sequence: it joins when one leaves
-            if not self.blocks.can_grow(seq.blocks, seq.num_computed + first_chunk):
-                # nothing running will free blocks: take back what other waiting sequences hold and retry
-                if self.running or not self._release_waiting(keep=seq):
-                    break
-                continue
+            needed = self.blocks.blocks_for(seq.num_computed + first_chunk) - len(seq.blocks.block_ids)
+            if needed > self.blocks.num_free - reserved:
+                # nothing running: take back what other waiting sequences hold; else what a running sequence of
+                # lower priority holds
+                if ((not self.running and self._release_waiting(keep=seq))
+                        or self._preempt_for(seq, lambda s: s.blocks.block_ids)):
+                    continue
+                if reserved:  # its prefix-cache references would starve sequences admitted before it
+                    self._release_waiting()
+                break
+            reserved += max(0, needed)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self._maybe_prefill = True
             if seq.sampling.needs_slot and not seq.slot:
                 seq.slot, seq.slot_ready = self.free_slots.pop(), False
             self.running.append(seq)
+
+    def _blocks_reserved(self) -> int:
+        """Blocks that running sequences still in prefill need for their next chunk: admitted, not grown yet."""
+        if not self._maybe_prefill:
+            return 0
+        chunk = min(self.prefill_shapes[-1][1], self.max_batched_tokens)
+        return sum(max(0, self.blocks.blocks_for(s.planned_computed + min(s.num_pending, chunk))
+                       - len(s.blocks.block_ids)) for s in self.running if s.in_prefill)
+
+    def _preempt_for(self, seq: Sequence, helps) -> bool:
+        """Preempts the running sequence of lowest priority below `seq`'s (the highest value, then the latest
+        arrival) among those whose resources would help (`helps`); True if it did. One that a call in flight
+        still uses cannot give its blocks back yet: it is left out of new calls (`_draining`) and preempted
+        by a later pass, once its calls have returned. Equal priorities never preempt each other."""
+        victims = [s for s in self.running if s.priority > seq.priority and helps(s)]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda s: s.order)
+        if victim.inflight_calls:
+            self._draining.add(victim)
+            return False
+        self._preempt(victim)
+        return True
 
     def _prefill_batch(self, seqs: list[Sequence]) -> ScheduledBatch | None:
         longest = max(s.num_pending for s in seqs)

@@ -4,6 +4,7 @@ field validated."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -154,3 +155,32 @@ def test_chunked_prefill_equals_one_chunk_and_the_reference(stub, reference):
     assert again.cached_prompt_tokens == 96
     want, _ = np_greedy_with_penalties(reference, prompt, 6)
     assert first.token_ids == again.token_ids == want
+
+
+# ---- priority ----------------------------------------------------------------------------------------------------
+async def test_an_urgent_arrival_preempts_a_full_batch_of_lower_priority(aio_stub, stub):
+    """Every one of the 16 rows runs a priority-5 request: a priority-0 arrival takes the row of the latest one at
+    once (vLLM's priority preemption) and finishes long before the others, and the one it preempted still
+    streams exactly its greedy run alone."""
+    kw = dict(max_tokens=25, temperature=0, ignore_eos=True)  # 16 x 2 blocks of the 40: only rows are short
+    done: dict[str, float] = {}
+
+    async def run(name: str, prompt: str, priority: int, max_tokens: int = 25):
+        req = pb.GenerateRequest(prompt=prompt, params=params(**{**kw, "max_tokens": max_tokens}), priority=priority)
+        ids = [tok async for msg in aio_stub.Generate(req) for tok in msg.token_ids]
+        done[name] = time.monotonic()
+        return ids
+
+    before = stub.GetServerInfo(pb.GetServerInfoRequest()).stats.preemptions
+    low = [asyncio.ensure_future(run(f"low{i}", p, 5)) for i, p in enumerate(PROMPTS)]
+    deadline = time.monotonic() + 30
+    while stub.GetServerInfo(pb.GetServerInfoRequest()).running_requests < 16 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    urgent = await run("urgent", "The urgent one", 0, max_tokens=4)
+    preempted = stub.GetServerInfo(pb.GetServerInfoRequest()).stats.preemptions - before
+    lows = await asyncio.gather(*low)
+    assert len(urgent) == 4 and done["urgent"] < min(t for name, t in done.items() if name != "urgent")
+    assert preempted >= 1
+    assert lows[-1] == generate(stub, PROMPTS[-1], **kw).token_ids  # the latest arrival was the one preempted
+    info = wait_idle(stub)
+    assert info.free_kv_blocks == info.total_kv_blocks

@@ -282,8 +282,8 @@ def test_decode_calls_are_short_while_requests_arrive():
 
 
 # ---- priorities, budgets, sampling slots ---------------------------------------------------------------------------
-def prio_seq(rid: str, priority: int, n_prompt: int = 3, **sampling) -> Sequence:
-    return Sequence(rid, list(range(10, 10 + n_prompt)), Sampling(max_tokens=8, **sampling), max_length=256,
+def prio_seq(rid: str, priority: int, n_prompt: int = 3, first: int = 10, **sampling) -> Sequence:
+    return Sequence(rid, list(range(first, first + n_prompt)), Sampling(max_tokens=8, **sampling), max_length=256,
                     detokenizer=NullDetokenizer(), eos_ids=frozenset(), priority=priority)
 
 
@@ -302,6 +302,65 @@ def test_priority_decides_admission_and_preemption_under_contention():
     finish_step(sched, batch)
     assert sched._preempt_youngest() and first_mid.status is Status.WAITING  # the higher value goes first
     assert sched.waiting[0] is first_mid  # and comes back ahead of later arrivals of its priority
+
+
+def running_ids(sched: Scheduler) -> list[str]:
+    return sorted(s.request_id for s in sched.running)
+
+
+def test_a_higher_priority_arrival_preempts_the_lowest_priority_running_sequence_for_a_row():
+    """Both rows are taken: an urgent arrival takes the row of the running sequence with the highest priority
+    value (latest arrival among equals), which is recomputed later; an arrival of equal priority waits."""
+    sched = Scheduler(BlockManager(num_blocks=40, block_size=4), decode_batch_sizes=[1, 2],
+                      prefill_shapes=[(2, 8)], max_steps=1, max_inflight=1)
+    low, lower, later_lower = prio_seq("low", 2), prio_seq("lower", 5), prio_seq("later_lower", 5)
+    for s in (low, lower):
+        sched.add(s)
+    finish_step(sched, sched.schedule())
+    finish_step(sched, sched.schedule())
+    sched.add(later_lower)  # equal to a running one: no preemption
+    batch = sched.schedule()
+    assert batch.seqs == [low, lower] and sched.num_preemptions == 0
+    finish_step(sched, batch)
+    urgent = prio_seq("urgent", 0)
+    sched.add(urgent)
+    batch = sched.schedule()
+    assert sched.num_preemptions == 1 and lower.status is Status.WAITING and not lower.blocks.block_ids
+    assert batch.is_prefill and batch.seqs == [urgent] and running_ids(sched) == ["low", "urgent"]
+    assert [s.request_id for s in sched.waiting] == ["lower", "later_lower"]  # ahead of its later equal
+    finish_step(sched, batch)
+    while sched.has_work:  # everybody finishes, the preempted one from a recompute; no block leaks
+        finish_step(sched, sched.schedule())
+    assert all(len(s.output_ids) == 8 for s in (low, lower, later_lower, urgent))
+    assert sched.blocks.num_free == sched.blocks.total_blocks
+
+
+def test_a_higher_priority_arrival_preempts_for_blocks_once_the_call_in_flight_returns():
+    """The pool is full: the urgent arrival frees the blocks of the lowest-priority sequence. While a call in
+    flight still uses that sequence it is left out of the next call, and preempted once that call returns."""
+    sched = Scheduler(BlockManager(num_blocks=9, block_size=4), decode_batch_sizes=[1, 2, 4],
+                      prefill_shapes=[(2, 8)], max_steps=1)  # two calls in flight
+    # 4 blocks each, no prefix shared: all 8 taken
+    a, b = prio_seq("a", 1, n_prompt=14, first=100), prio_seq("b", 3, n_prompt=14, first=200)
+    for s in (a, b):
+        sched.add(s)
+    finish_step(sched, sched.schedule())
+    finish_step(sched, sched.schedule())
+    in_flight = sched.schedule()
+    assert in_flight.seqs == [a, b] and sched.blocks.num_free == 0
+    urgent = prio_seq("urgent", 0, n_prompt=5, first=300)
+    sched.add(urgent)
+    second = sched.schedule()  # b is still in flight: not preempted yet, and left out of this call
+    assert second.seqs == [a] and b.status is Status.RUNNING and sched.num_preemptions == 0
+    finish_step(sched, in_flight)
+    finish_step(sched, second)
+    batch = sched.schedule()
+    assert b.status is Status.WAITING and sched.num_preemptions == 1 and batch.seqs == [urgent]
+    finish_step(sched, batch)
+    while sched.has_work:
+        finish_step(sched, sched.schedule())
+    assert [len(s.output_ids) for s in (a, b, urgent)] == [8, 8, 8]
+    assert sched.blocks.num_free == sched.blocks.total_blocks
 
 
 def test_budgets_cap_rows_and_tokens_per_call():
