@@ -432,5 +432,6 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> w
             output_ids=np.asarray(seq.output_ids, np.int32).tobytes(),
             bias_ids=np.asarray(s.logit_bias[0], np.int32).tobytes(),
             bias_values=np.asarray(s.logit_bias[1], np.float32).tobytes(),
-            allowed_ids=np.asarray(s.allowed_token_ids, np.int32).tobytes())
+            allowed_ids=np.asarray(s.allowed_token_ids, np.int32).tobytes(), min_tokens=s.min_tokens,
+            stop_ids=np.asarray(sorted(seq.end_ids), np.int32).tobytes())
     return request

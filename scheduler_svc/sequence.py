@@ -67,9 +67,11 @@ class Sampling:
 
     @property
     def needs_slot(self) -> bool:
-        """Whether the worker must keep state for the sequence (token counts for the penalties, its bias row)."""
+        """Whether the worker must keep state for the sequence (token counts for the penalties, its bias row, the
+        ids min_tokens keeps from being sampled)."""
         return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
-                    or self.logit_bias[0] or self.allowed_token_ids)
+                    or self.logit_bias[0] or self.allowed_token_ids
+                    or (self.min_tokens and (self.stop_token_ids or not self.ignore_eos)))
 
 
 _NONE, _STOP, _LENGTH = Finish.NONE, Finish.STOP, Finish.LENGTH  # module globals: quicker than Finish.X

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from tinygrad import Tensor, TinyJit, dtypes
 
-from worker_svc.sampling import NUM_LOGPROBS, PROMPT_FLAG, apply_bias_and_penalties, sample, token_logprobs
+from worker_svc.sampling import (NUM_LOGPROBS, PROMPT_FLAG, STOP_FLAG, apply_bias_and_penalties, sample,
+                                 token_logprobs)
 
 V = 64
 _jits: dict[int, TinyJit] = {}
@@ -135,6 +136,24 @@ def test_penalties_bias_and_allowed_ids_match_numpy(logits, extras_case):
     np.testing.assert_allclose(processed[finite], want[finite], rtol=1e-5, atol=1e-5)
     assert (tok == want.argmax(-1)).all()  # greedy rows take the argmax of the processed logits
     assert (processed[0] == logits[0]).all()  # neutral parameters change nothing
+
+
+def test_min_tokens_masks_the_stop_ids_of_rows_short_of_it(logits, extras_case):
+    """STOP_FLAG ids get -inf in the rows still short of min_tokens and nothing else changes: the flag counts
+    neither as a prompt nor as an output occurrence for the penalties."""
+    c = extras_case
+    counts = c["counts"].copy()
+    counts[:, [2, 7]] += STOP_FLAG  # this request's stop ids (7 is also in its prompt)
+    too_early = np.array([True, False, True, False])
+    f = lambda x, dt: Tensor(np.asarray(x, dtype=dt))  # noqa: E731
+    got = apply_bias_and_penalties(f(logits, np.float32), f(counts, np.int32), f(c["bias"], np.float32),
+                                   f(c["rep"], np.float32), f(c["pres"], np.float32), f(c["freq"], np.float32),
+                                   Tensor(too_early)).numpy()
+    want = np_penalized(logits, c["counts"], c["bias"], c["rep"], c["pres"], c["freq"])
+    want[np.ix_(too_early, [2, 7])] = -np.inf
+    finite = np.isfinite(want)
+    assert (np.isfinite(got) == finite).all()
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
 def test_allowed_ids_and_min_p_bound_what_is_sampled(logits, extras_case):

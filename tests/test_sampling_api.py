@@ -157,6 +157,18 @@ def test_chunked_prefill_equals_one_chunk_and_the_reference(stub, reference):
     assert first.token_ids == again.token_ids == want
 
 
+def test_min_tokens_keeps_stop_ids_from_being_sampled_on_the_device(stub):
+    """EOS biased far above everything: it is masked on the device for the first min_tokens tokens (which are
+    then the unbiased greedy ones), then sampled at once, as in vLLM."""
+    plain = generate(stub, ids=PROMPT_IDS, max_tokens=5, temperature=0, ignore_eos=True).token_ids
+    assert 2 not in plain
+    r = generate(stub, ids=PROMPT_IDS, max_tokens=12, temperature=0, min_tokens=5, logit_bias={2: 100.0})
+    assert r.token_ids == plain + [2] and r.finish == pb.FINISH_REASON_STOP
+    r = generate(stub, ids=PROMPT_IDS, max_tokens=12, temperature=0, min_tokens=3, ignore_eos=True,
+                 stop_token_ids=[7], logit_bias={7: 100.0})  # a stop id likewise
+    assert r.token_ids == plain[:3] + [7] and r.stop_reason == "7"
+
+
 # ---- priority ----------------------------------------------------------------------------------------------------
 async def test_an_urgent_arrival_preempts_a_full_batch_of_lower_priority(aio_stub, stub):
     """Every one of the 16 rows runs a priority-5 request: a priority-0 arrival takes the row of the latest one at

@@ -19,7 +19,7 @@ from tinygrad.uop.ops import KernelInfo, Ops
 from worker_svc import compat, readback
 from worker_svc.kv_cache import NULL_BLOCK
 from worker_svc.model import LlamaModel
-from worker_svc.sampling import NUM_LOGPROBS, PROMPT_FLAG, apply_bias_and_penalties, sample, token_logprobs
+from worker_svc.sampling import NUM_LOGPROBS, PROMPT_FLAG, STOP_FLAG, apply_bias_and_penalties, sample, token_logprobs
 
 # columns of the per-row metadata buffer that goes to the device in one copy, before the block table
 (POS, CHUNK_LEN, TEMPERATURE, TOP_P, TOP_K, SEED, COUNTER, SLOT, MIN_P, REPETITION, PRESENCE, FREQUENCY,
@@ -50,6 +50,8 @@ class SlotInit:
     bias_ids: np.ndarray
     bias_values: np.ndarray
     allowed_ids: np.ndarray
+    min_tokens: int = 0  # stop_ids are not sampled before the sequence has this many output tokens
+    stop_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
 
 def without_device_graphs(linear: UOp) -> UOp:
@@ -143,6 +145,7 @@ class ModelRunner:
         self.num_slots = self.decode_batch_sizes[-1] + 1
         self._counts = Tensor.zeros(self.num_slots, V, dtype=dtypes.int32).contiguous().realize()
         self._bias = Tensor.zeros(self.num_slots, V, dtype=dtypes.float32).contiguous().realize()
+        self._min_tokens = Tensor.zeros(self.num_slots, dtype=dtypes.int32).contiguous().realize()
         self._logprobs = Tensor.zeros(self.max_rows, max_steps, LOGPROB_COLS).contiguous().realize()
         self._blocks_var = UOp.variable("num_blocks", 1, self.table_width)
         self._readback = readback.for_device(model.weights.embed.device)
@@ -175,8 +178,9 @@ class ModelRunner:
         processed, min_p = logits, None
         if filters:
             slot = meta[:, SLOT].clip(0, self.num_slots - 1)
+            too_early = (meta[:, COUNTER] + step) < self._min_tokens[slot]  # min_tokens: no stop id yet
             processed = apply_bias_and_penalties(logits, self._counts[slot], self._bias[slot], f32(REPETITION),
-                                                 f32(PRESENCE), f32(FREQUENCY))
+                                                 f32(PRESENCE), f32(FREQUENCY), too_early)
             min_p = f32(MIN_P)
         next_tokens = sample(processed, f32(TEMPERATURE), meta[:, TOP_K], f32(TOP_P),
                              meta[:, SEED].bitcast(dtypes.uint32), (meta[:, COUNTER] + step).bitcast(dtypes.uint32),
@@ -262,7 +266,9 @@ class ModelRunner:
         for init in batch.slot_inits:
             if not 1 <= init.slot < self.num_slots:
                 raise BatchError(f"slot_inits: slot must be in [1, {self.num_slots})")
-            for name in ("prompt_ids", "output_ids", "bias_ids", "allowed_ids"):
+            if init.min_tokens >= 2 ** 31:
+                raise BatchError("slot_inits: min_tokens must be below 2**31")
+            for name in ("prompt_ids", "output_ids", "bias_ids", "allowed_ids", "stop_ids"):
                 ids = getattr(init, name)
                 if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                     raise BatchError(f"slot_inits: {name} must be in [0, {vocab})")
@@ -373,6 +379,7 @@ class ModelRunner:
         for init in inits:
             counts = np.zeros(V, np.int32)
             counts[np.unique(init.prompt_ids)] += PROMPT_FLAG
+            counts[np.unique(init.stop_ids)] += STOP_FLAG
             np.add.at(counts, init.output_ids, 1)
             bias = np.zeros(V, np.float32)
             if init.allowed_ids.size:
@@ -381,8 +388,9 @@ class ModelRunner:
             bias[init.bias_ids] += init.bias_values
             self._counts[init.slot] = Tensor(counts, device=self._counts.device)
             self._bias[init.slot] = Tensor(bias, device=self._bias.device)
+            self._min_tokens[init.slot] = init.min_tokens
         if inits:  # now, not lazily: a pending write would be captured into (and replayed by) the next graph
-            Tensor.realize(self._counts, self._bias)
+            Tensor.realize(self._counts, self._bias, self._min_tokens)
 
     def slot_state(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """(counts, bias) rows of a slot, for tests."""

@@ -104,19 +104,24 @@ def _top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 # ---- the parameters beyond temperature/top-k/top-p (vLLM's meanings), in the graph that runs when a row asks ----
 PROMPT_FLAG = 1 << 20
 """Per-slot token counts: output occurrences in the low 20 bits, plus PROMPT_FLAG once if the prompt holds it."""
+STOP_FLAG = 1 << 21
+"""... and STOP_FLAG on the ids that may not be sampled while the row is short of its min_tokens."""
 NUM_LOGPROBS = 20  # vLLM's cap on top alternatives per token
 
 
 def apply_bias_and_penalties(logits: Tensor, counts: Tensor, bias: Tensor, repetition: Tensor, presence: Tensor,
-                             frequency: Tensor) -> Tensor:
-    """vLLM's order: logit bias and the allowed-ids mask (-inf in `bias`), then the repetition penalty (prompt and
-    output tokens: positive logits divided, negative multiplied), then frequency (times the output count) and
-    presence (once per output token seen). counts (B, V) int32, bias (B, V) float32, penalties (B,)."""
+                             frequency: Tensor, too_early: Tensor | None = None) -> Tensor:
+    """vLLM's order: logit bias and the allowed-ids mask (-inf in `bias`), min_tokens (-inf on the STOP_FLAG ids
+    of rows `too_early`, (B,) bool), then the repetition penalty (prompt and output tokens: positive logits
+    divided, negative multiplied), then frequency (times the output count) and presence (once per output token
+    seen). counts (B, V) int32, bias (B, V) float32, penalties (B,)."""
     B = logits.shape[0]
     logits = logits.float() + bias
+    if too_early is not None:
+        logits = (too_early.reshape(B, 1) & (counts.bitwise_and(STOP_FLAG) != 0)).where(-float("inf"), logits)
     output = counts.bitwise_and(PROMPT_FLAG - 1)
     rep = repetition.reshape(B, 1)
-    logits = (counts > 0).where((logits > 0).where(logits / rep, logits * rep), logits)
+    logits = (counts.bitwise_and(STOP_FLAG - 1) > 0).where((logits > 0).where(logits / rep, logits * rep), logits)
     return logits - frequency.reshape(B, 1) * output.float() - presence.reshape(B, 1) * (output > 0).float()
 
 

@@ -71,7 +71,8 @@ def _slot_init(init: worker_pb2.SlotInit) -> SlotInit:
                     output_ids=_ids(init.output_ids, np.int32, "output_ids"),
                     bias_ids=_ids(init.bias_ids, np.int32, "bias_ids"),
                     bias_values=_ids(init.bias_values, np.float32, "bias_values"),
-                    allowed_ids=_ids(init.allowed_ids, np.int32, "allowed_ids"))
+                    allowed_ids=_ids(init.allowed_ids, np.int32, "allowed_ids"), min_tokens=init.min_tokens,
+                    stop_ids=_ids(init.stop_ids, np.int32, "stop_ids"))
 
 
 def _prev_rows(req: worker_pb2.ExecuteRequest, B: int) -> np.ndarray | None:
