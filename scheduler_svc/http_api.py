@@ -50,21 +50,59 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _usage(last: scheduler_pb2.GenerateResponse) -> dict:
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
+def _usage(lasts: list[scheduler_pb2.GenerateResponse]) -> dict:
+    """The prompt once, the completion tokens of every choice (as OpenAI counts n choices)."""
+    prompt, completion = lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _collect(stream: RequestStream, http_request: Request) -> tuple[str, scheduler_pb2.GenerateResponse]:
-    """The whole completion; aborts it if the client disconnects first (nobody would read the answer)."""
+def completion_logprobs(entries, offset: int) -> dict:
+    """The completions API's (legacy) logprobs of some tokens: their text, log-probability, top alternatives by
+    text, and where each starts in the choice's text (`offset`: the characters before the first)."""
+    tokens = [e.text for e in entries]
+    offsets, at = [], offset
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.text: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
 
-    async def gather() -> tuple[str, scheduler_pb2.GenerateResponse]:
-        parts = []
+
+def chat_logprobs(entries) -> dict:
+    """The chat API's logprobs of some tokens: text, log-probability, UTF-8 bytes and the top alternatives."""
+    def one(e) -> dict:
+        return {"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode())}
+    return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in entries]}
+
+
+class Choice:
+    """One sample's whole answer (a non-streamed request): its text, logprob entries and last message."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.logprobs: list = []
+        self.last: scheduler_pb2.GenerateResponse | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+async def _collect(stream: RequestStream, http_request: Request) -> list[Choice]:
+    """Every choice of the completion, by index; aborts the request if the client disconnects first (nobody would
+    read the answer)."""
+
+    async def gather() -> list[Choice]:
+        choices = [Choice() for _ in stream.seqs]
         async for response in stream:
-            parts.append(response.text)
+            choice = choices[response.index]
+            choice.parts.append(response.text)
+            choice.logprobs.extend(response.logprobs)
             if response.finish_reason:
-                return "".join(parts), response
-        raise Aborted("the stream ended without a finish reason")
+                choice.last = response
+        if any(c.last is None for c in choices):
+            raise Aborted("the stream ended without a finish reason")
+        return choices
 
     async def disconnected() -> None:
         while (await http_request.receive())["type"] != "http.disconnect":
@@ -80,10 +118,11 @@ async def _collect(stream: RequestStream, http_request: Request) -> tuple[str, s
         stream.close()
     if not work.done() or work.cancelled():
         raise ClientGone()
-    text, last = work.result()
-    if last.finish_reason == scheduler_pb2.FINISH_REASON_ABORT:
-        raise Aborted(last.stop_reason or "the request was aborted")
-    return text, last
+    choices = work.result()
+    for choice in choices:
+        if choice.last.finish_reason == scheduler_pb2.FINISH_REASON_ABORT:
+            raise Aborted(choice.last.stop_reason or "the request was aborted")
+    return choices
 
 
 def create_app(frontend: Frontend, token: str = "") -> FastAPI:
@@ -163,14 +202,23 @@ def create_app(frontend: Frontend, token: str = "") -> FastAPI:
         stream = await frontend.start(body.to_generate(request_id))
         created = int(time.time())
         base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
+        wants_logprobs = body.logprobs is not None
         if body.stream:
-            def chunk(text: str, finish: str | None) -> dict:
-                return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            offsets = [0] * len(stream.seqs)  # characters streamed so far, per choice
+
+            def chunk(response: scheduler_pb2.GenerateResponse, finish: str | None) -> dict:
+                logprobs = None
+                if wants_logprobs:
+                    logprobs = completion_logprobs(response.logprobs, offsets[response.index])
+                    offsets[response.index] += sum(len(e.text) for e in response.logprobs)
+                return {**base, "choices": [{"index": response.index, "text": response.text, "logprobs": logprobs,
+                                             "finish_reason": finish}]}
             return _stream_response(stream, chunk, base, body.include_usage)
-        text, last = await _collect(stream, http_request)
-        return JSONResponse({**base, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                  "finish_reason": FINISH[last.finish_reason]}],
-                             "usage": _usage(last)})
+        choices = await _collect(stream, http_request)
+        return JSONResponse({**base, "choices": [
+            {"index": i, "text": c.text, "logprobs": completion_logprobs(c.logprobs, 0) if wants_logprobs else None,
+             "finish_reason": FINISH[c.last.finish_reason]} for i, c in enumerate(choices)],
+            "usage": _usage([c.last for c in choices])})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http_request: Request) -> Response:
@@ -179,42 +227,54 @@ def create_app(frontend: Frontend, token: str = "") -> FastAPI:
         stream = await frontend.start(body.to_generate(request_id, engine.max_length))
         created = int(time.time())
         base = {"id": request_id, "object": "chat.completion", "created": created, "model": body.model}
+        wants_logprobs = body.logprobs
         if body.stream:
             chunk_base = {**base, "object": "chat.completion.chunk"}
 
-            def chunk(text: str, finish: str | None, role: bool = False) -> dict:
-                delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-                return {**chunk_base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+            def chunk(response: scheduler_pb2.GenerateResponse, finish: str | None) -> dict:
+                delta = {"content": response.text} if response.text else {}
+                logprobs = chat_logprobs(response.logprobs) if wants_logprobs else None
+                return {**chunk_base, "choices": [{"index": response.index, "delta": delta, "logprobs": logprobs,
                                                    "finish_reason": finish}]}
-            return _stream_response(stream, chunk, chunk_base, body.include_usage, opening=chunk("", None, True))
-        text, last = await _collect(stream, http_request)
-        return JSONResponse({**base, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                  "logprobs": None, "finish_reason": FINISH[last.finish_reason]}],
-                             "usage": _usage(last)})
+            openings = [{**chunk_base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]}
+                        for i in range(len(stream.seqs))]
+            return _stream_response(stream, chunk, chunk_base, body.include_usage, openings)
+        choices = await _collect(stream, http_request)
+        return JSONResponse({**base, "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c.text},
+             "logprobs": chat_logprobs(c.logprobs) if wants_logprobs else None,
+             "finish_reason": FINISH[c.last.finish_reason]} for i, c in enumerate(choices)],
+            "usage": _usage([c.last for c in choices])})
 
     return app
 
 
 def _stream_response(stream: RequestStream, chunk, base: dict, include_usage: bool,
-                     opening: dict | None = None) -> StreamingResponse:
-    """Server-sent events: one chunk per response message, the usage chunk if asked, then `data: [DONE]`. A client
-    that disconnects cancels the generator (Starlette watches for it), and close() aborts the request; close() also
-    runs as the response's background task, for a client gone before the first chunk."""
+                     openings: list[dict] = ()) -> StreamingResponse:
+    """Server-sent events: one chunk per response message (each names its choice's index), the usage chunk once
+    every choice has finished if asked, then `data: [DONE]`. A client that disconnects cancels the generator
+    (Starlette watches for it), and close() aborts the request; close() also runs as the response's background
+    task, for a client gone before the first chunk."""
 
     async def events() -> AsyncIterator[str]:
         try:
-            if opening is not None:
+            for opening in openings:
                 yield _sse(opening)
+            lasts = []
             async for response in stream:
                 if response.finish_reason == scheduler_pb2.FINISH_REASON_ABORT:
                     yield _sse({"error": {"message": f"the request was aborted: {response.stop_reason}",
                                           "type": ERROR_TYPE[503], "param": None, "code": None}})
                     break
                 finish = FINISH.get(response.finish_reason)
-                if response.text or finish:
-                    yield _sse(chunk(response.text, finish))
-                if finish and include_usage:
-                    yield _sse({**base, "choices": [], "usage": _usage(response)})
+                if response.text or finish or response.logprobs:
+                    yield _sse(chunk(response, finish))
+                if finish:
+                    lasts.append(response)
+            else:
+                if include_usage:
+                    yield _sse({**base, "choices": [], "usage": _usage(lasts)})
             yield _sse("[DONE]")
         finally:
             stream.close()

@@ -1,8 +1,9 @@
 """OpenAI request bodies (pydantic) and their mapping onto the gRPC GenerateRequest, so the HTTP API has no
 validator of its own: what the fields mean is checked once, in scheduler_svc.validation.
 
-Fields OpenAI defines that the HTTP API does not honour yet (n > 1 and logprobs, which the gRPC API has; echo,
-suffix, best_of, tools) are refused with a 400 that names them, rather than silently ignored; fields it does not know are ignored,
+`n` and `logprobs` (completions: the number of alternatives; chat: `logprobs` and `top_logprobs`) map onto the
+gRPC fields of the same meaning. Fields OpenAI defines that the HTTP API does not honour (echo, suffix, best_of,
+tools) are refused with a 400 that names them, rather than silently ignored; fields it does not know are ignored,
 as vLLM does, so clients that send extras keep working."""
 from __future__ import annotations
 
@@ -47,8 +48,6 @@ class _SamplingRequest(BaseModel):
     user: str | None = None
 
     def _check_supported(self) -> None:
-        if self.n != 1:
-            raise Unsupported("n: only 1 completion per request is supported over HTTP (the gRPC API has n)")
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options is only allowed with stream: true")
 
@@ -85,7 +84,18 @@ class _SamplingRequest(BaseModel):
             p.logit_bias[int(token)] = bias
         if self.allowed_token_ids:
             p.allowed_token_ids.extend(self.allowed_token_ids)
+        if self.n < 1:
+            raise Unsupported("n must be at least 1")
+        p.n = min(self.n, 2**32 - 1)  # at most 64: checked with the gRPC API's fields
+        if (top := self.logprobs_wanted()) is not None:
+            if top < 0:
+                raise Unsupported("logprobs must be >= 0")
+            p.logprobs = min(top, 2**32 - 1)  # at most 20, likewise
         return p
+
+    def logprobs_wanted(self) -> int | None:
+        """Alternatives per token the request asks for; None: no logprobs."""
+        return None
 
     def generate_request(self, request_id: str, max_tokens: int | None) -> scheduler_pb2.GenerateRequest:
         req = scheduler_pb2.GenerateRequest(request_id=request_id, params=self.sampling_params(max_tokens))
@@ -105,9 +115,10 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
     def to_generate(self, request_id: str) -> scheduler_pb2.GenerateRequest:
-        if self.logprobs is not None:
-            raise Unsupported("logprobs is not supported")
         if self.echo:
             raise Unsupported("echo is not supported")
         if self.suffix:
@@ -154,10 +165,13 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list | None = None
     add_generation_prompt: bool = True  # vLLM's extension
 
+    def logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise Unsupported("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def to_generate(self, request_id: str, max_length: int) -> scheduler_pb2.GenerateRequest:
         """max_length: unset max tokens mean "until the context is full", as in vLLM's chat API."""
-        if self.logprobs or self.top_logprobs:
-            raise Unsupported("logprobs is not supported")
         if self.tools:
             raise Unsupported("tools are not supported")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

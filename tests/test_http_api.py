@@ -130,14 +130,81 @@ def test_errors_have_openai_shape_and_status(client, http_url, model):
         client.completions.create(model=model, prompt=PROMPT, max_tokens=4, top_p=2.0)
     with pytest.raises(openai.BadRequestError, match="roles are supported"):  # the template's raise_exception
         client.chat.completions.create(model=model, messages=[{"role": "tool", "content": "x"}], max_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="n: only 1"):
-        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, n=2)
+    with pytest.raises(openai.BadRequestError, match="n must"):
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, n=0)
+    with pytest.raises(openai.BadRequestError, match="logprobs must"):
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, best_of=2)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=4)
     raw = httpx.post(f"{http_url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     raw = httpx.post(f"{http_url}/v1/completions", json={"model": model})  # no prompt
     assert raw.status_code == 400 and "prompt" in raw.json()["error"]["message"]
+
+
+def grpc_samples(stub, request: pb.GenerateRequest) -> dict[int, dict]:
+    """Each sample's token ids, text, logprob entries and last message, by index."""
+    out: dict[int, dict] = {}
+    for msg in stub.Generate(request):
+        sample = out.setdefault(msg.index, {"ids": [], "text": "", "logprobs": [], "last": None})
+        sample["ids"] += msg.token_ids
+        sample["text"] += msg.text
+        sample["logprobs"] += msg.logprobs
+        if msg.finish_reason:
+            sample["last"] = msg
+    return out
+
+
+def test_n_choices_and_logprobs_are_the_grpc_ones(client, stub, model):
+    """n choices (sample i seeded seed + i) with logprobs: the completions API's tokens, token_logprobs,
+    top_logprobs and text_offset, and the chat API's content entries, carry what the gRPC API streams."""
+    want = grpc_samples(stub, pb.GenerateRequest(prompt=PROMPT, params=pb.SamplingParams(
+        max_tokens=6, temperature=0.8, seed=11, n=3, logprobs=2)))
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0.8, seed=11, n=3,
+                                  logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.completion_tokens == sum(len(w["ids"]) for w in want.values()) == 18
+    for choice in r.choices:
+        w = want[choice.index]
+        assert choice.text == w["text"] and choice.finish_reason == "length"
+        lp = choice.logprobs
+        assert lp.tokens == [e.text for e in w["logprobs"]] and len(lp.tokens) == 6
+        assert lp.token_logprobs == pytest.approx([e.logprob for e in w["logprobs"]])
+        assert lp.top_logprobs == [{t.text: pytest.approx(t.logprob) for t in e.top} for e in w["logprobs"]]
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert len({c.text for c in r.choices}) == 3
+
+    request = chat_request(CHAT, max_tokens=5, temperature=0.8, seed=4, n=2, logprobs=3)
+    want = grpc_samples(stub, request)
+    chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=5, temperature=0.8, seed=4, n=2,
+                                          logprobs=True, top_logprobs=3)
+    for choice in chat.choices:
+        w = want[choice.index]
+        assert choice.message.content == w["text"]
+        content = choice.logprobs.content
+        assert [c.token for c in content] == [e.text for e in w["logprobs"]] and len(content) == 5
+        assert [c.logprob for c in content] == pytest.approx([e.logprob for e in w["logprobs"]])
+        assert all(c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 3 for c in content)
+        assert [[t.token for t in c.top_logprobs] for c in content] == [[t.text for t in e.top]
+                                                                          for e in w["logprobs"]]
+    plain = client.chat.completions.create(model=model, messages=CHAT, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+    # streamed: the chunks of each index add up to that choice, and the usage counts every choice
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=5, temperature=0.8, seed=4,
+                                                 n=2, logprobs=True, top_logprobs=3, stream=True,
+                                                 stream_options={"include_usage": True}))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+        assert "".join(c.delta.content or "" for c in mine) == want[index]["text"]
+        assert [e.token for c in mine if c.logprobs for e in c.logprobs.content] == \
+            [e.text for e in want[index]["logprobs"]]
+    assert chunks[-1].usage.completion_tokens == 10
 
 
 def test_raw_server_sent_events(http_url, model):
