@@ -13,7 +13,7 @@ from tinygrad.helpers import GlobalCounters
 from tinygrad.uop.ops import PatternMatcher
 
 from tests.models import build_model
-from worker_svc.runner import META_COLS, Batch, ModelRunner
+from worker_svc.runner import META_COLS, Batch, ModelRunner, SlotInit
 
 BLOCK, MAX_CONTEXT, NUM_BLOCKS = 16, 128, 64
 
@@ -53,14 +53,23 @@ def captured_graphs(r: ModelRunner) -> dict:
     return {key: id(graph) for key, graph in r.captured().items()}
 
 
+def slot_init(rng: np.random.Generator) -> SlotInit:
+    """Slot 1 filled with random ids, bias and min_tokens."""
+    ids = rng.integers(0, 50, 3).astype(np.int32)
+    return SlotInit(1, ids, ids[:1], ids[:2], np.ones(2, np.float32), ids[:0], int(rng.integers(0, 100)), ids[:1])
+
+
 def test_no_compilation_or_capture_after_warm_up(runner):
+    rng = np.random.default_rng(0)
+    runner._init_slots([slot_init(rng)])  # a slot's first fill compiles its writes (the slot is in them) ...
     programs, graphs = len(to_program_cache), captured_graphs(runner)
     assert all(g != id(None) for g in graphs.values()) and len(graphs) == 2 * len(runner.buckets)
-    rng = np.random.default_rng(0)
     for _ in range(50):
         rows, tokens = runner.buckets[rng.integers(len(runner.buckets))]
         steps = int(rng.integers(1, runner.max_steps + 1)) if tokens == 1 else 1
-        out = runner.execute(random_batch(runner, rng, rows, tokens, steps))
+        batch = random_batch(runner, rng, rows, tokens, steps)
+        batch.slot_inits = [slot_init(rng)]  # ... and none of its values does (min_tokens included)
+        out = runner.execute(batch)
         assert out.shape == (rows, steps)
     assert len(to_program_cache) == programs, "a kernel was compiled after warm-up"
     assert captured_graphs(runner) == graphs, "a graph was captured again after warm-up"

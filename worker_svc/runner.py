@@ -388,7 +388,9 @@ class ModelRunner:
             bias[init.bias_ids] += init.bias_values
             self._counts[init.slot] = Tensor(counts, device=self._counts.device)
             self._bias[init.slot] = Tensor(bias, device=self._bias.device)
-            self._min_tokens[init.slot] = init.min_tokens
+            # from a host array, as the rows above: a Python int would be a constant, one new kernel per value
+            self._min_tokens[init.slot:init.slot + 1] = Tensor(np.array([init.min_tokens], np.int32),
+                                                               device=self._bias.device)
         if inits:  # now, not lazily: a pending write would be captured into (and replayed by) the next graph
             Tensor.realize(self._counts, self._bias, self._min_tokens)
 
