@@ -15,7 +15,7 @@ from scheduler_svc import validation
 from scheduler_svc.chat import ChatTemplateError
 from scheduler_svc.engine import FINISH_NAMES, Engine
 from scheduler_svc.metrics import EngineCollector, RequestMetrics
-from scheduler_svc.sequence import Sequence
+from scheduler_svc.sequence import Delta, Sequence
 from tinyvllm.v1 import scheduler_pb2
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,24 @@ class Frontend:
         return RequestStream(self, seqs)
 
 
+def merge_deltas(deltas: list[Delta]) -> list[Delta]:
+    """Deltas waiting for one stream as one per sample, in order: a stream that fell behind (a slow client, or a
+    scheduler busier than gRPC can write) sends fewer, larger messages with the same tokens and text."""
+    merged: dict[int, Delta] = {}
+    for d in deltas:
+        m = merged.get(d.index)
+        if m is None:
+            merged[d.index] = Delta(list(d.token_ids), d.text, d.finish, d.stop_reason,
+                                    None if d.logprobs is None else list(d.logprobs), d.index)
+            continue
+        m.token_ids += d.token_ids
+        m.text += d.text
+        m.finish, m.stop_reason = d.finish, d.stop_reason
+        if d.logprobs is not None:
+            m.logprobs = [*(m.logprobs or ()), *d.logprobs]
+    return list(merged.values())
+
+
 class RequestStream:
     """One admitted request's responses (its n samples share one outbox; each message names its sample's index).
     close() (also at the end of iteration) aborts what has not finished (the client went away), and accounts for
@@ -145,27 +163,36 @@ class RequestStream:
 
     async def __aiter__(self) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
         running = len(self.seqs)
+        outbox = self.seq.outbox
         try:
             while running:
-                delta = await self.seq.outbox.get()
-                seq = self.seqs[delta.index]
-                if delta.token_ids and self.first_token_at is None:
-                    self.first_token_at = time.monotonic()
-                done = delta.finish != 0
-                response = scheduler_pb2.GenerateResponse(
-                    request_id=seq.request_id, token_ids=delta.token_ids, text=delta.text,
-                    finish_reason=int(delta.finish), index=delta.index)
-                if delta.logprobs is not None:
-                    self._add_logprobs(response, delta.logprobs)
-                if done:
-                    response.prompt_tokens = len(seq.prompt_ids)
-                    response.completion_tokens = len(seq.output_ids)
-                    response.stop_reason = delta.stop_reason
-                    response.cached_prompt_tokens = seq.cached_prompt_tokens
-                    running -= 1
-                yield response
+                deltas = [await outbox.get()]
+                while not outbox.empty():  # the stream fell behind: what waits goes out as one message per sample
+                    deltas.append(outbox.get_nowait())
+                for delta in deltas if len(deltas) == 1 else merge_deltas(deltas):
+                    if (response := self._response(delta)).finish_reason:
+                        running -= 1
+                    yield response
         finally:
             self.close()
+
+    def _response(self, delta: Delta) -> scheduler_pb2.GenerateResponse:
+        """The message that streams one delta (its sample's totals with the last)."""
+        seq = self.seqs[delta.index]
+        if delta.token_ids and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        done = delta.finish != 0
+        response = scheduler_pb2.GenerateResponse(
+            request_id=seq.request_id, token_ids=delta.token_ids, text=delta.text,
+            finish_reason=int(delta.finish), index=delta.index)
+        if delta.logprobs is not None:
+            self._add_logprobs(response, delta.logprobs)
+        if done:
+            response.prompt_tokens = len(seq.prompt_ids)
+            response.completion_tokens = len(seq.output_ids)
+            response.stop_reason = delta.stop_reason
+            response.cached_prompt_tokens = seq.cached_prompt_tokens
+        return response
 
     def _add_logprobs(self, response: scheduler_pb2.GenerateResponse, logprobs) -> None:
         texts = self.frontend.engine.tokenizer.texts

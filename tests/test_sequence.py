@@ -121,3 +121,16 @@ def test_a_delta_names_its_sample_and_carries_no_logprobs_unasked(tok):
                        detokenizer=IncrementalDetokenizer(tok, ids), eos_ids=tok.eos_ids)
         delta = seq.append([5])
         assert delta.index == 3 and delta.logprobs is None and delta.token_ids == [5]
+
+
+def test_deltas_a_stream_fell_behind_on_go_out_as_one_per_sample():
+    from scheduler_svc.frontend import merge_deltas
+    from scheduler_svc.sequence import Delta, Logprob
+
+    lp = [Logprob(i, -1.0, 1, []) for i in range(4)]
+    merged = merge_deltas([Delta([1], "a", index=0, logprobs=lp[:1]), Delta([2], "b", index=1),
+                           Delta([3], "c", index=0, logprobs=lp[1:2]),
+                           Delta([4], "d", Finish.STOP, "4", index=0, logprobs=lp[2:3])])
+    assert [(d.index, d.token_ids, d.text, d.finish, d.stop_reason) for d in merged] == [
+        (0, [1, 3, 4], "acd", Finish.STOP, "4"), (1, [2], "b", Finish.NONE, "")]
+    assert merged[0].logprobs == lp[:3] and merged[1].logprobs is None
