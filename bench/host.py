@@ -212,7 +212,7 @@ def print_rows(rows: list[dict]) -> None:
     print(f"{'running':>8} {'extras':>7} {'p50 ms':>8} {'p99 ms':>8} {'cpu p50':>8}")
     for r in rows:
         print(f"{r['running']:>8} {'yes' if r['extras'] else 'no':>7} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f}"
-              f" {r['cpu_p50_ms']:>8.3f}")
+              f" {r.get('cpu_p50_ms', float('nan')):>8.3f}")  # reports saved before it had no CPU column
 
 
 def main() -> None:
