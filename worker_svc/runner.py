@@ -37,6 +37,18 @@ def _count_kernel(counts: UOp, slots: UOp, tokens: UOp) -> UOp:
     return counts[s, t].store(counts[s, t] + 1).end(i).sink(arg=KernelInfo(name="count_tokens", opts_to_apply=()))
 
 
+def _write_slot_kernel(counts: UOp, bias: UOp, min_tokens: UOp, slot: UOp, count_row: UOp, bias_row: UOp,
+                       min_row: UOp) -> UOp:
+    """counts[slot[0]] = count_row, bias[slot[0]] = bias_row, min_tokens[slot[0]] = min_row[0]: the slot index is
+    read from a buffer, so one kernel (compiled at warm-up) serves every slot. As a setitem with a Python index it
+    was a new kernel, compiled at first use in a serving thread, for every slot."""
+    v = UOp.range(counts.shape[1], 0)
+    s = slot[0].cast(dtypes.weakint).maximum(0).minimum(counts.shape[0] - 1)
+    stores = UOp.group(counts[s, v].store(count_row[v]), bias[s, v].store(bias_row[v]),
+                       min_tokens[s.valid(v.eq(0))].store(min_row[0]))
+    return stores.end(v).sink(arg=KernelInfo(name="write_slot", opts_to_apply=()))
+
+
 @dataclass
 class SlotInit:
     """What a sampling slot holds for the sequence the scheduler gives it: the counts of its tokens so far (the
@@ -146,6 +158,11 @@ class ModelRunner:
         self._counts = Tensor.zeros(self.num_slots, V, dtype=dtypes.int32).contiguous().realize()
         self._bias = Tensor.zeros(self.num_slots, V, dtype=dtypes.float32).contiguous().realize()
         self._min_tokens = Tensor.zeros(self.num_slots, dtype=dtypes.int32).contiguous().realize()
+        # a slot's rows are written by one captured kernel from host arrays that tinygrad's NPY device wraps
+        self._slot_host = (np.zeros(1, np.int32), np.zeros(V, np.int32), np.zeros(V, np.float32),
+                           np.zeros(1, np.int32))
+        self._slot_inputs = [Tensor(a, device="NPY") for a in self._slot_host]
+        self._write_slot = TinyJit(self._write_slot_graph)
         self._logprobs = Tensor.zeros(self.max_rows, max_steps, LOGPROB_COLS).contiguous().realize()
         self._blocks_var = UOp.variable("num_blocks", 1, self.table_width)
         self._readback = readback.for_device(model.weights.embed.device)
@@ -376,23 +393,25 @@ class ModelRunner:
     def _init_slots(self, inits: list[SlotInit]) -> None:
         """Writes each slot's counts and bias rows (eagerly, outside the graphs: once per sequence admission)."""
         V = self.model.config.vocab_size
+        slot, counts, bias, min_tokens = self._slot_host
         for init in inits:
-            counts = np.zeros(V, np.int32)
+            slot[0], min_tokens[0] = init.slot, init.min_tokens
+            counts[:] = 0
             counts[np.unique(init.prompt_ids)] += PROMPT_FLAG
             counts[np.unique(init.stop_ids)] += STOP_FLAG
             np.add.at(counts, init.output_ids, 1)
-            bias = np.zeros(V, np.float32)
+            bias[:] = 0.0
             if init.allowed_ids.size:
                 bias[:] = -np.inf
                 bias[init.allowed_ids] = 0.0
             bias[init.bias_ids] += init.bias_values
-            self._counts[init.slot] = Tensor(counts, device=self._counts.device)
-            self._bias[init.slot] = Tensor(bias, device=self._bias.device)
-            # from a host array, as the rows above: a Python int would be a constant, one new kernel per value
-            self._min_tokens[init.slot:init.slot + 1] = Tensor(np.array([init.min_tokens], np.int32),
-                                                               device=self._bias.device)
-        if inits:  # now, not lazily: a pending write would be captured into (and replayed by) the next graph
-            Tensor.realize(self._counts, self._bias, self._min_tokens)
+            self._write_slot(*self._slot_inputs)  # copies the host rows now; the write runs before the next call
+
+    def _write_slot_graph(self, slot: Tensor, counts: Tensor, bias: Tensor, min_tokens: Tensor) -> Tensor:
+        device = self.model.weights.embed.device
+        ins = [t.to(device).contiguous() for t in (slot, counts, bias, min_tokens)]
+        outs = self._counts.custom_kernel(self._bias, self._min_tokens, *ins, fxn=_write_slot_kernel)
+        return outs[0]
 
     def slot_state(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """(counts, bias) rows of a slot, for tests."""
@@ -413,6 +432,9 @@ class ModelRunner:
 
         for B, T in tqdm(self.buckets, desc="capturing graphs", unit="bucket", disable=not progress):
             self.capture(B, T)
+        empty = np.zeros(0, np.int32)
+        for _ in range(3):  # the slot writer too (slot 0 is the scratch slot: rows without a slot of their own)
+            self._init_slots([SlotInit(0, empty, empty, empty, np.zeros(0, np.float32), empty)])
 
     def capture(self, B: int, T: int) -> None:
         """Both graphs of one bucket (call 1 runs eagerly, call 2 captures)."""
