@@ -61,6 +61,7 @@ def opt_from_json(raw: list):
 
 _table: TuningTable | None = None
 _record_min_bytes: int | None = None  # recording: kernels moving fewer bytes get the heuristics, not a search
+_key_device: str | None = None  # look kernels up as if they ran on this device (the NULL device rendering for CUDA)
 
 
 def kernel_bytes(ast) -> int:
@@ -68,6 +69,20 @@ def kernel_bytes(ast) -> int:
     from tinygrad.uop.ops import Ops
 
     return sum(p.max_numel() * p.dtype.itemsize for p in ast.backward_slice if p.op is Ops.PARAM and p.arg.slot >= 0)
+
+
+def kernel_key(ast, device: str | None = None) -> str:
+    """The table's key of a kernel: its AST alone (its KernelInfo carries the BEAM width), with its buffers' device
+    renamed to `device` if given (keys name the device the table was made on)."""
+    from dataclasses import replace
+
+    from tinygrad.uop.ops import Ops
+
+    ast = ast.replace(arg=None)
+    if device is not None:
+        ast = ast.substitute({p: p.replace(arg=replace(p.arg, device=device)) for p in ast.toposort()
+                              if p.op is Ops.PARAM and isinstance(p.arg.device, str) and p.arg.device != device})
+    return ast.key.hex()
 
 
 def _apply_opts(original, ast, ren, beam: int = 0):
@@ -80,7 +95,7 @@ def _apply_opts(original, ast, ren, beam: int = 0):
         return original(ast, ren, beam)
     k = Scheduler(ast, ren)
     k.convert_loop_to_global()
-    key = k.ast.replace(arg=None).key.hex()  # the kernel alone: its KernelInfo carries the BEAM width
+    key = kernel_key(k.ast, _key_device)
     name = ast.arg.name if ast.arg is not None and ast.arg.name != "test" else None
     if (opts := table.entries.get(key)) is not None:
         try:
@@ -99,14 +114,15 @@ def _apply_opts(original, ast, ren, beam: int = 0):
     return out
 
 
-def install(table: TuningTable, record_min_bytes: int | None = None) -> None:
+def install(table: TuningTable, record_min_bytes: int | None = None, key_device: str | None = None) -> None:
     """Makes tinygrad consult `table` for every kernel it optimises in this process. With record_min_bytes, kernels
-    of at least that many bytes that the table lacks are BEAM-searched (when BEAM/JITBEAM is on) and added."""
-    global _table, _record_min_bytes
+    of at least that many bytes that the table lacks are BEAM-searched (when BEAM/JITBEAM is on) and added.
+    key_device: look kernels up as if their buffers were on that device (bench.startup: NULL renders for CUDA)."""
+    global _table, _record_min_bytes, _key_device
     from tinygrad import codegen
     from tinygrad.codegen.opt import postrange
 
-    _table, _record_min_bytes = table, record_min_bytes
+    _table, _record_min_bytes, _key_device = table, record_min_bytes, key_device
     original = getattr(postrange, "_tinyvllm_apply_opts", postrange.apply_opts)
     postrange._tinyvllm_apply_opts = original
 
