@@ -92,6 +92,19 @@ def patch_compile_workers() -> None:
     _applied.add("compile_workers")
 
 
+def capture_on_next_call(jit) -> None:
+    """Make a TinyJit capture on its next call instead of running it eagerly first.
+
+    tinygrad 0.14.0's TinyJit runs call 1 eagerly, captures on call 2 and replays from call 3 (engine/jit.py). The
+    eager call builds the step's tensor graph, schedules it into kernels, lowers and runs them, and the capture call
+    then builds and schedules it all again (lowered kernels come from the in-memory cache): a third of a bucket's
+    warm-up (bench.startup). The eager call exists to realize what a function creates lazily on first use, so that
+    it is not captured into every replay; everything our steps read (weights, KV pool, rope tables, sampled and
+    count buffers, inputs) is realized before capture, so capturing at once gives the same graph."""
+    if jit.cnt == 0:
+        jit.cnt = 1
+
+
 def apply_for(device: str) -> None:
     simplify_symbolic_estimates()
     patch_compile_workers()

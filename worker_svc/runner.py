@@ -437,12 +437,14 @@ class ModelRunner:
             self._init_slots([SlotInit(0, empty, empty, empty, np.zeros(0, np.float32), empty)])
 
     def capture(self, B: int, T: int) -> None:
-        """Both graphs of one bucket (call 1 runs eagerly, call 2 captures)."""
+        """Both graphs of one bucket: captured by the first call (no eager call first), replayed by the second."""
         for filters in (False, True):
             dummy = self.dummy_batch(B, T)
             dummy.top_k[:] = 5 if filters else 0
             dummy.logprobs = filters
-            for _ in range(3):
+            compat.capture_on_next_call(self._jits[(B, T, filters)])
+            compat.capture_on_next_call(self._uploads[(B, T)])
+            for _ in range(2):
                 self.execute(dummy)
 
     def dummy_batch(self, B: int, T: int, num_steps: int = 1) -> Batch:
