@@ -191,6 +191,9 @@ class ModelRunner:
         slots = writable.where(blocks * bs + positions % bs, NULL_BLOCK * bs).cast(dtypes.int32)
         last = (meta[:, CHUNK_LEN] - 1).maximum(0)
         logits = self.model.logits(tokens, positions.cast(dtypes.int32), slots, tables, num_blocks, last)
+        # scheduled on its own: the forward pass is the same in both graphs of a bucket, so the second one's
+        # capture reuses the first one's schedule (tinygrad's schedule cache) and schedules only its sampling
+        logits = logits.realize()
         f32 = lambda col: meta[:, col].bitcast(dtypes.float32)  # noqa: E731
         processed, min_p = logits, None
         if filters:
