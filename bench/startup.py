@@ -78,18 +78,20 @@ def instrument(clock: Clock) -> None:
 
 
 def run(shape: str, decode_batch_sizes: list[int], prefill_shapes: list[tuple[int, int]], max_steps: int,
-        tuning_path: str | None, num_blocks: int, max_context: int) -> dict:
+        tuning_path: str | None, num_blocks: int, max_context: int, cache: bool = True) -> dict:
     """Captures every bucket as ModelRunner.warm_up does; per bucket and per graph call: seconds and their split."""
     from tinygrad.engine.jit import _TinyJit
 
     from bench.kernels import empty_model
-    from worker_svc import tuning
+    from worker_svc import capture_cache, tuning
     from worker_svc.runner import ModelRunner
 
     table = None
     if tuning_path and tuning_path.lower() != "none":
         table = tuning.TuningTable.load(tuning_path)
         tuning.install(table, key_device=table.device or None)
+    if cache:
+        capture_cache.install()
     clock = Clock()
     instrument(clock)
     t0 = time.perf_counter()
@@ -127,7 +129,7 @@ def run(shape: str, decode_batch_sizes: list[int], prefill_shapes: list[tuple[in
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         _TinyJit.__call__, ModelRunner.capture = original_call, original_capture
-    return dict(setup_s=setup_s, warm_up_s=total, warm_up_cpu_s=cpu, buckets=buckets, calls=calls, split=clock.snapshot(),
+    return dict(cache=vars(capture_cache.stats) if cache else None, setup_s=setup_s, warm_up_s=total, warm_up_cpu_s=cpu, buckets=buckets, calls=calls, split=clock.snapshot(),
                 tuning_hits=table.hits if table else None, tuning_misses=table.misses if table else None)
 
 
@@ -148,6 +150,20 @@ def print_report(report: dict, verbose: bool) -> None:
     print(f"total warm-up {report['warm_up_s']:.2f} s, {report['warm_up_cpu_s']:.2f} s of CPU in this process "
           f"(runner set-up {report['setup_s']:.2f} s); "
           f"split: {fmt(report['split'])}; tuning table hits {report['tuning_hits']}, misses {report['tuning_misses']}")
+    if report["cache"] is not None:
+        print("capture cache: " + ", ".join(f"{k} {v}" for k, v in report["cache"].items()))
+
+
+def restart(argv: list[str]) -> None:
+    """This benchmark twice in fresh processes sharing a new, empty cache database: a first start, then a restart."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tinyvllm-startup-") as tmp:
+        env = {**os.environ, "CACHEDB": os.path.join(tmp, "cache.db"), "PARALLEL": "0"}
+        for label in ("first start (empty cache database)", "restart"):
+            print(f"--- {label}", flush=True)
+            subprocess.run([sys.executable, "-m", "bench.startup", *argv], env=env, check=True)
 
 
 def main() -> None:
@@ -167,8 +183,13 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--profile", default=None, help="write a cProfile of the warm-up to this file")
     ap.add_argument("--json", default=None, help="write the report as JSON to this file")
+    ap.add_argument("--no-cache", action="store_true", help="without the worker's capture cache on disk")
+    ap.add_argument("--restart", action="store_true",
+                    help="run twice in fresh processes with a new cache database: a first start, then a restart")
     ap.add_argument("-v", "--verbose", action="store_true", help="every graph call")
     args = ap.parse_args()
+    if args.restart:
+        return restart([a for a in sys.argv[1:] if a != "--restart"])
     if not os.environ.get("DEV", "").startswith("NULL"):
         sys.exit("run with DEV=NULL:<renderer>, e.g. DEV=NULL:CUDA:sm_90, and PARALLEL=0")
     os.environ.setdefault("NULL_ALLOW_COPYOUT", "1")
@@ -180,7 +201,7 @@ def main() -> None:
     install_render_only_compilers()
     call = functools.partial(run, args.shape, parse_int_list(args.decode_batch_sizes),
                              parse_shapes(args.prefill_shapes), args.max_steps, args.tuning, args.num_blocks,
-                             args.max_context)
+                             args.max_context, not args.no_cache)
     if args.profile:
         import cProfile
 

@@ -41,7 +41,9 @@ def main() -> None:
     table.device = Device.DEFAULT.split(":")[0]
     tuning.install(table, record_min_bytes=int(args.min_mb * 1e6))
     extra = _parse_worker_args(args.worker_args)
+    # no capture cache: a kernel lowered from it would skip the search that records its entry
     engine = WorkerEngine(WorkerOptions(model=str(checkpoint_for(args)), tuning="none", warm_up=False,
+                                        capture_cache=False,
                                         decode_batch_sizes=parse_int_list(args.decode_batch_sizes),
                                         prefill_shapes=parse_shapes(args.prefill_shapes), **extra))
     meta = dict(shape=args.shape, model=engine.path.name, beam=args.beam, min_mb=args.min_mb)

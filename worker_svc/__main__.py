@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--tuning", default=None,
                     help="kernel tuning table (JSON, see `make tune`); default: tuning/<DEV>.json if it exists; "
                          "'none' to use tinygrad's heuristics alone")
+    ap.add_argument("--no-capture-cache", action="store_true",
+                    help="don't keep schedules and lowered kernels on disk (tinygrad's cache.db) for the next start")
     ap.add_argument("--worker-secret", default=None,
                     help="the secret the scheduler must present; default: $TINYVLLM_WORKER_SECRET, else the file "
                          "~/.cache/tinyvllm/worker-secret (created, mode 0600, on first start; see shared/auth.py)")
@@ -51,7 +53,8 @@ def main() -> None:
     engine = WorkerEngine(WorkerOptions(
         model=args.model, block_size=args.block_size, max_context=args.max_context, kv_blocks=args.kv_blocks,
         kv_cache_gb=args.kv_cache_gb, decode_batch_sizes=args.decode_batch_sizes, prefill_shapes=args.prefill_shapes,
-        max_steps=args.max_steps, dtype=args.dtype, warm_up=not args.no_warm_up, tuning=args.tuning))
+        max_steps=args.max_steps, dtype=args.dtype, warm_up=not args.no_warm_up, tuning=args.tuning,
+        capture_cache=not args.no_capture_cache))
     server = serve(engine, args.host, args.port, resolve_secret(args.worker_secret))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from tinygrad import Device
 
 from shared.llama_config import LlamaConfig
-from worker_svc import tuning
+from worker_svc import capture_cache, tuning
 from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES
 from worker_svc.kv_cache import PagedKVCache
 from worker_svc.model import LlamaModel
@@ -35,6 +35,7 @@ class WorkerOptions:
     dtype: str = "auto"
     warm_up: bool = True
     tuning: str | None = None  # tuning table (worker_svc.tuning): None = the one shipped for the device, "none" = off
+    capture_cache: bool = True  # keep schedules and lowered kernels on disk (worker_svc.capture_cache)
 
 
 class WorkerEngine:
@@ -47,6 +48,8 @@ class WorkerEngine:
         self.tuning = tuning.load_for(self.device, opts.tuning)
         if self.tuning is not None:
             tuning.install(self.tuning)
+        if opts.capture_cache:
+            capture_cache.install()
         self.dtype = compute_dtype_for(self.config, opts.dtype)
         self.max_context = min(opts.max_context or self.config.max_position_embeddings,
                                self.config.max_position_embeddings)
@@ -64,7 +67,10 @@ class WorkerEngine:
         if opts.warm_up:
             t0 = time.perf_counter()
             self.runner.warm_up()
-            log.info("captured %d graphs in %.1fs", len(self.runner.captured()), time.perf_counter() - t0)
+            s = capture_cache.stats
+            log.info("captured %d graphs in %.1fs (capture cache: %d of %d schedules and %d of %d kernels from disk)",
+                     len(self.runner.captured()), time.perf_counter() - t0, s.schedule_hits,
+                     s.schedule_hits + s.schedule_misses, s.program_hits, s.program_hits + s.program_misses)
 
     def _default_kv_blocks(self, width: int) -> int:
         per_block = PagedKVCache.bytes_per_block(self.config.num_hidden_layers, self.opts.block_size,

@@ -1,0 +1,84 @@
+"""The capture cache (worker_svc.capture_cache): a restarted worker takes its schedules and lowered kernels from
+disk, and its graphs give exactly the tokens that freshly captured ones give; a key changes with what decides the
+cached value."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+# a worker engine with one decode and one prefill bucket; prints the tokens of a prefill and of decode calls through
+# both graphs (plain and full sampling), and the cache's hits and misses
+SCRIPT = r"""
+import json, sys
+import numpy as np
+from worker_svc.compat import configure_environment
+configure_environment()
+from worker_svc import capture_cache
+from worker_svc.engine import WorkerEngine, WorkerOptions
+engine = WorkerEngine(WorkerOptions(model=sys.argv[1], decode_batch_sizes=[2], prefill_shapes=[(2, 16)], max_steps=2,
+                                    kv_blocks=9, max_context=64, tuning="none"))
+r = engine.runner
+prefill = r.dummy_batch(2, 16)
+prefill.token_ids[:] = np.arange(3, 35).reshape(2, 16)
+prefill.chunk_lens[:] = 16
+prefill.block_tables[0, :2], prefill.block_tables[1, :2] = (1, 2), (3, 4)
+prefill.temperature[:], prefill.seeds[:] = 0.8, (7, 9)
+out = [r.execute(prefill).tolist()]
+for top_k in (0, 3):
+    decode = r.dummy_batch(2, 1, num_steps=2)
+    decode.token_ids[:, 0], decode.positions[:], decode.chunk_lens[:] = (5, 6), 16, 1
+    decode.block_tables[:] = prefill.block_tables
+    decode.temperature[:], decode.seeds[:], decode.top_k[:] = 0.8, (7, 9), top_k
+    out.append(r.execute(decode).tolist())
+print(json.dumps({"tokens": out, "cache": vars(capture_cache.stats)}))
+"""
+
+
+def start(checkpoint, cache_db) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DEV": "CPU", "PARALLEL": "0", "CACHEDB": str(cache_db)}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(checkpoint)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_restart_takes_everything_from_disk_and_gives_the_same_tokens(demo_checkpoint, tmp_path):
+    first = start(demo_checkpoint, tmp_path / "cache.db")
+    assert first["cache"]["schedule_hits"] == first["cache"]["program_hits"] == 0
+    assert first["cache"]["schedule_misses"] > 0 and first["cache"]["program_misses"] > 0
+    again = start(demo_checkpoint, tmp_path / "cache.db")
+    assert again["cache"]["schedule_misses"] == again["cache"]["program_misses"] == 0
+    assert again["cache"]["schedule_hits"] >= first["cache"]["schedule_misses"]
+    assert again["cache"]["program_hits"] == first["cache"]["program_misses"]
+    assert again["tokens"] == first["tokens"]  # the first start captured without the cache's help
+
+
+def test_keys_follow_what_decides_the_value():
+    """A program's key changes with the tuning table; both keys with tinygrad's settings; never with nothing."""
+    from tinygrad import Context, Device
+
+    from worker_svc import capture_cache, tuning
+
+    renderer = Device[Device.DEFAULT].renderer
+    program = (b"\x01" * 32, type(renderer), renderer.target, 0)
+    saved = tuning._table
+    try:
+        tuning._table = None
+        plain = capture_cache.program_key(program, renderer)
+        assert capture_cache.program_key(program, renderer) == plain
+        tuning._table = tuning.TuningTable({"k": [["LOCAL", 0, 4]]}, "CPU")
+        tuned = capture_cache.program_key(program, renderer)
+        tuning._table = tuning.TuningTable({"k": [["LOCAL", 0, 8]]}, "CPU")
+        assert len({plain, tuned, capture_cache.program_key(program, renderer)}) == 3
+    finally:
+        tuning._table = saved
+    schedule = capture_cache.schedule_key(b"\x02" * 32)
+    assert schedule != capture_cache.schedule_key(b"\x03" * 32)
+    with Context(SPLIT_REDUCEOP=0):
+        assert capture_cache.schedule_key(b"\x02" * 32) != schedule
+    with Context(DEBUG=1):  # reporting only
+        assert capture_cache.schedule_key(b"\x02" * 32) == schedule

@@ -1,0 +1,186 @@
+"""A disk cache of what tinygrad derives at graph capture, so that a restarted worker skips most of its warm-up.
+
+Capturing a bucket's graphs is tinygrad's Python work: scheduling the step's tensor graph into kernels, then
+optimising, lowering and rendering each kernel (bench.startup measures it). tinygrad keeps both results in memory
+only (schedule_cache, to_program_cache); its disk cache holds compiled binaries, keyed by source, which a kernel
+only has once it was lowered and rendered. This module keeps both on disk, in tinygrad's cache database (CACHEDB,
+~/.cache/tinygrad/cache.db; CACHELEVEL=0 turns it off, as it does tinygrad's own caches):
+
+- schedules, keyed by the key of the function tinygrad schedules: a hash of the whole tensor graph (every op,
+  shape, dtype, device and constant), so a change in the model's code or the buckets is a different key;
+- lowered programs (kernel source and binary), keyed as tinygrad's in-memory cache keys them: the kernel AST, the
+  renderer and its target, and the code-generation settings.
+
+Both keys also include a fingerprint of everything else that decides the value: tinygrad's installed code and its
+settings (ContextVars), the source of our patches to lowering (worker_svc.tuning, worker_svc.compat), the tuning
+table's entries and the compiler. A stale entry is never used; it is only never hit again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pathlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when what is stored changes
+SCHEDULES, PROGRAMS = "tinyvllm_schedules", "tinyvllm_programs"
+# settings that change how tinygrad reports or runs, not what it schedules or lowers
+_NEUTRAL_SETTINGS = {"DEBUG", "VIZ", "PROFILE", "TRACK_MATCH_STATS", "CAPTURING", "PARALLEL", "CACHELEVEL",
+                     "IGNORE_BEAM_CACHE", "NUM_CPU_THREADS"}
+
+
+@dataclass
+class Stats:
+    """Hits and misses of this process, for the start-up log and tests."""
+
+    schedule_hits: int = 0
+    schedule_misses: int = 0
+    program_hits: int = 0
+    program_misses: int = 0
+
+
+stats = Stats()
+_code_fingerprint: str | None = None
+_table_fingerprints: dict[int, str] = {}
+
+
+def _code() -> str:
+    """tinygrad's installed files (path, size, modification time) and the source of our patches to lowering."""
+    global _code_fingerprint
+    if _code_fingerprint is None:
+        import tinygrad
+
+        h = hashlib.sha256(f"format {FORMAT} tinygrad {getattr(tinygrad, '__version__', '?')}".encode())
+        root = pathlib.Path(tinygrad.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            st = path.stat()
+            h.update(f"{path.relative_to(root)} {st.st_size} {st.st_mtime_ns}\n".encode())
+        here = pathlib.Path(__file__).parent
+        for name in ("tuning.py", "compat.py", "capture_cache.py"):
+            h.update((here / name).read_bytes())
+        _code_fingerprint = h.hexdigest()
+    return _code_fingerprint
+
+
+def _settings() -> str:
+    """tinygrad's current settings (ContextVars) that can change a schedule or a program."""
+    from tinygrad.helpers import ContextVar
+
+    return repr(sorted((k, repr(v.value)) for k, v in ContextVar._cache.items() if k not in _NEUTRAL_SETTINGS))
+
+
+def _tuning() -> str:
+    """The tuning table in use (worker_svc.tuning): its entries decide the optimisations a program was lowered with."""
+    from worker_svc import tuning
+
+    table = tuning._table
+    if table is None:
+        return "no table"
+    if (fp := _table_fingerprints.get(id(table))) is None:
+        body = json.dumps([table.device, tuning._key_device, tuning._record_min_bytes, table.entries], sort_keys=True)
+        fp = _table_fingerprints[id(table)] = hashlib.sha256(body.encode()).hexdigest()
+    return fp
+
+
+def _load(table: str, key: str) -> Any:
+    """The stored value, or None (absent, caching off, or unreadable: then it is recomputed and stored again)."""
+    from tinygrad.helpers import diskcache_get
+
+    try:
+        return diskcache_get(table, key)
+    except Exception as exc:  # noqa: BLE001  (a damaged or foreign entry is a miss, never a failed start)
+        log.warning("capture cache: entry %s of %s unreadable (%s); recomputing it", key[:12], table, exc)
+        return None
+
+
+def _store(table: str, key: str, value: Any) -> None:
+    from tinygrad.helpers import diskcache_put
+
+    try:
+        diskcache_put(table, key, value)
+    except (RecursionError, TypeError, AttributeError, ValueError) as exc:  # not picklable: only slower next time
+        log.warning("capture cache: could not store an entry of %s (%s)", table, exc)
+
+
+def _disk_key(*parts: Any) -> str:
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
+
+
+def schedule_key(function_key: bytes) -> str:
+    return _disk_key("schedule", _code(), _settings(), function_key.hex())
+
+
+def program_key(key: tuple, renderer) -> str:
+    """tinygrad's to_program_key (AST key, renderer type, target, settings) plus the tuning table and compiler."""
+    ast_key, renderer_type, *rest = key
+    compiler = getattr(renderer, "compiler", None)
+    compiler_id = None if compiler is None else (type(compiler).__qualname__, getattr(compiler, "cachekey", None))
+    return _disk_key("program", _code(), _settings(), _tuning(), ast_key.hex(),
+                     f"{renderer_type.__module__}.{renderer_type.__qualname__}", repr(rest), repr(compiler_id))
+
+
+class DiskSchedules(dict):
+    """tinygrad's schedule cache (function key -> LINEAR of kernel calls), backed by the disk. tinygrad reads it
+    with .get and fills it with item assignment (schedule/__init__.py: lower_sink_to_linear)."""
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        if (value := super().get(key)) is not None:
+            return value
+        if (value := _load(SCHEDULES, schedule_key(key))) is None:
+            stats.schedule_misses += 1
+            return default
+        stats.schedule_hits += 1
+        super().__setitem__(key, value)
+        return value
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        super().__setitem__(key, value)
+        _store(SCHEDULES, schedule_key(key), value)
+
+
+def _with_disk_programs(original: Callable) -> Callable:
+    """tinygrad's lower_and_compile, with the programs it lacks in memory looked up on disk first and the ones it
+    lowers stored there after."""
+
+    def lower_and_compile(linear):
+        from tinygrad.codegen import to_program_cache, to_program_key
+        from tinygrad.engine import realize
+        from tinygrad.uop.ops import Ops
+
+        missing: dict[tuple, str] = {}
+        for call in linear.src:
+            if call.op is not Ops.CALL or (todo := realize._get_call_to_compile(call)) is None:
+                continue
+            key = to_program_key(*todo)
+            if key in to_program_cache or key in missing:
+                continue
+            disk_key = program_key(key, todo[1])
+            if (program := _load(PROGRAMS, disk_key)) is not None:
+                to_program_cache[key] = program
+                stats.program_hits += 1
+            else:
+                missing[key] = disk_key
+                stats.program_misses += 1
+        out = original(linear)
+        for key, disk_key in missing.items():
+            if (program := to_program_cache.get(key)) is not None:
+                _store(PROGRAMS, disk_key, program)
+        return out
+
+    lower_and_compile._tinyvllm_original = original  # type: ignore[attr-defined]
+    return lower_and_compile
+
+
+def install() -> None:
+    """Back tinygrad's schedule and program caches with the disk, in this process (idempotent)."""
+    import tinygrad.schedule as schedule
+    from tinygrad.engine import realize
+
+    if not isinstance(schedule.schedule_cache, DiskSchedules):
+        schedule.schedule_cache = DiskSchedules(schedule.schedule_cache)
+    if not hasattr(realize.lower_and_compile, "_tinyvllm_original"):
+        realize.lower_and_compile = _with_disk_programs(realize.lower_and_compile)
