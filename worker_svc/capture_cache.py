@@ -22,7 +22,7 @@ import json
 import logging
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -142,45 +142,26 @@ class DiskSchedules(dict):
         _store(SCHEDULES, schedule_key(key), value)
 
 
-def _with_disk_programs(original: Callable) -> Callable:
-    """tinygrad's lower_and_compile, with the programs it lacks in memory looked up on disk first and the ones it
-    lowers stored there after."""
+class DiskPrograms:
+    """The program store of worker_svc.lowering: lowered, compiled kernels by tinygrad's in-memory cache key."""
 
-    def lower_and_compile(linear):
-        from tinygrad.codegen import to_program_cache, to_program_key
-        from tinygrad.engine import realize
-        from tinygrad.uop.ops import Ops
+    def load(self, key: tuple, renderer) -> Any:
+        if (program := _load(PROGRAMS, program_key(key, renderer))) is None:
+            stats.program_misses += 1
+        else:
+            stats.program_hits += 1
+        return program
 
-        missing: dict[tuple, str] = {}
-        for call in linear.src:
-            if call.op is not Ops.CALL or (todo := realize._get_call_to_compile(call)) is None:
-                continue
-            key = to_program_key(*todo)
-            if key in to_program_cache or key in missing:
-                continue
-            disk_key = program_key(key, todo[1])
-            if (program := _load(PROGRAMS, disk_key)) is not None:
-                to_program_cache[key] = program
-                stats.program_hits += 1
-            else:
-                missing[key] = disk_key
-                stats.program_misses += 1
-        out = original(linear)
-        for key, disk_key in missing.items():
-            if (program := to_program_cache.get(key)) is not None:
-                _store(PROGRAMS, disk_key, program)
-        return out
-
-    lower_and_compile._tinyvllm_original = original  # type: ignore[attr-defined]
-    return lower_and_compile
+    def save(self, key: tuple, renderer, program) -> None:
+        _store(PROGRAMS, program_key(key, renderer), program)
 
 
 def install() -> None:
     """Back tinygrad's schedule and program caches with the disk, in this process (idempotent)."""
     import tinygrad.schedule as schedule
-    from tinygrad.engine import realize
+
+    from worker_svc import lowering
 
     if not isinstance(schedule.schedule_cache, DiskSchedules):
         schedule.schedule_cache = DiskSchedules(schedule.schedule_cache)
-    if not hasattr(realize.lower_and_compile, "_tinyvllm_original"):
-        realize.lower_and_compile = _with_disk_programs(realize.lower_and_compile)
+    lowering.install(DiskPrograms())

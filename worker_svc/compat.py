@@ -106,7 +106,10 @@ def capture_on_next_call(jit) -> None:
 
 
 def apply_for(device: str) -> None:
+    from worker_svc import lowering
+
     simplify_symbolic_estimates()
+    lowering.install()  # programs swapped into the calls without rewriting whole graphs
     patch_compile_workers()
     if device.split(":")[0] == "CUDA":
         fix_cuda_graph_symbolic_launch_dims()
