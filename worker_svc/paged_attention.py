@@ -29,6 +29,7 @@ B=1 about 6 us.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -70,6 +71,9 @@ def _plan(B: int, KV: int, G: int, hd: int, itemsize: int, max_threads: int, sme
     return T, gw, kstride
 
 
+# memoised: every layer of a graph builds the same kernel from the same (hash-consed) placeholders, and building one
+# takes tens of milliseconds of Python at the TinyLlama shape (bench.startup: 15% of a worker restart's warm-up)
+@functools.lru_cache(maxsize=64)
 def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions: UOp, rope_cos: UOp | None,
                              rope_sin: UOp | None, num_blocks: UOp | int, block_size: int, T: int, gw: int,
                              kstride: int, queries_per_table: int = 1) -> UOp:
