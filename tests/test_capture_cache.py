@@ -82,3 +82,17 @@ def test_keys_follow_what_decides_the_value():
         assert capture_cache.schedule_key(b"\x02" * 32) != schedule
     with Context(DEBUG=1):  # reporting only
         assert capture_cache.schedule_key(b"\x02" * 32) == schedule
+
+
+def test_what_is_stored_carries_no_buffer_contents():
+    """A schedule naming a buffer tinygrad had attached data to is stored as structure: never megabytes of data."""
+    import pickle
+
+    import numpy as np
+    from tinygrad import Tensor
+
+    from worker_svc import capture_cache
+
+    t = Tensor(np.ones(1 << 18, np.float32)).realize()  # 1 MB
+    assert len(pickle.dumps(t.uop)) > 1 << 20  # tinygrad's own pickling carries the contents
+    assert len(capture_cache.dumps(t.uop)) < 4096

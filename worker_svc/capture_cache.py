@@ -97,11 +97,34 @@ def _load(table: str, key: str) -> Any:
         return None
 
 
+def _structure_only(u) -> tuple:
+    """A UOp pickled without the device buffer tinygrad attaches to some (UOp.__reduce__ pickles its contents).
+    A schedule's intermediate buffers are placeholders that each use replaces with new ones, but tinygrad may have
+    attached a buffer to one meanwhile (seen: the demo model's logits); what is stored is the structure alone."""
+    from tinygrad.uop.ops import UOp
+
+    return UOp, (u.op, u.dtype, u.src, u.arg, u.tag, u.metadata)
+
+
+def dumps(value: Any) -> bytes:
+    import copyreg
+    import io
+    import pickle
+
+    from tinygrad.uop.ops import UOp
+
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out)
+    pickler.dispatch_table = {**copyreg.dispatch_table, UOp: _structure_only}
+    pickler.dump(value)
+    return out.getvalue()
+
+
 def _store(table: str, key: str, value: Any) -> None:
     from tinygrad.helpers import diskcache_put
 
     try:
-        diskcache_put(table, key, value)
+        diskcache_put(table, key, dumps(value), prepickled=True)
     except (RecursionError, TypeError, AttributeError, ValueError) as exc:  # not picklable: only slower next time
         log.warning("capture cache: could not store an entry of %s (%s)", table, exc)
 
