@@ -7,6 +7,11 @@ machine: `DEV=NULL:CUDA:sm_90 PARALLEL=0 python -m bench.startup` captures the d
 shape with the shipped tuning table (tuning/CUDA.json) applied, and prints seconds per bucket and per graph call,
 and where they went (scheduling, jit lowering, kernel lowering, rendering). `--profile FILE` also writes a cProfile.
 The compiler is a stub (returns the source), so nvrtc's time on a fresh machine is not in these figures.
+
+The worker's capture cache (worker_svc.capture_cache) is on, as in the worker, in tinygrad's cache database
+(CACHEDB); `--restart` runs the benchmark twice in fresh processes over a new, empty database: a first start, then
+a restart that takes schedules and lowered kernels from it. All lowering runs in this process (PARALLEL=0), where
+a GPU worker spreads it over a pool of processes, one per core.
 """
 from __future__ import annotations
 
