@@ -16,6 +16,7 @@ a GPU worker spreads it over a pool of processes, one per core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -95,8 +96,6 @@ def run(shape: str, decode_batch_sizes: list[int], prefill_shapes: list[tuple[in
     if tuning_path and tuning_path.lower() != "none":
         table = tuning.TuningTable.load(tuning_path)
         tuning.install(table, key_device=table.device or None)
-    if cache:
-        capture_cache.install()
     clock = Clock()
     instrument(clock)
     t0 = time.perf_counter()
@@ -130,7 +129,8 @@ def run(shape: str, decode_batch_sizes: list[int], prefill_shapes: list[tuple[in
     ModelRunner.capture = timed_capture
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        runner.warm_up(progress=False)
+        with capture_cache.active() if cache else contextlib.nullcontext():
+            runner.warm_up(progress=False)
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         _TinyJit.__call__, ModelRunner.capture = original_call, original_capture

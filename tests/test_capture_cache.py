@@ -34,12 +34,25 @@ for top_k in (0, 3):
     decode.block_tables[:] = prefill.block_tables
     decode.temperature[:], decode.seeds[:], decode.top_k[:] = 0.8, (7, 9), top_k
     out.append(r.execute(decode).tolist())
+# after warm-up, from another thread (as the gRPC server calls): a slot's penalties are written by eager kernels
+# scheduled for the first time here, which must not touch the cache database (a connection of the warm-up's thread)
+import threading
+from worker_svc.runner import SlotInit
+decode.slots = np.array([1, 0], np.int32)
+decode.repetition_penalty = np.array([1.3, 1.0], np.float32)
+decode.slot_inits = [SlotInit(1, np.arange(3, 19), np.array([5]), np.array([7]), np.array([2.0], np.float32),
+                              np.array([], np.int64))]
+thread = threading.Thread(target=lambda: out.append(r.execute(decode).tolist()))
+thread.start()
+thread.join()
 print(json.dumps({"tokens": out, "cache": vars(capture_cache.stats)}))
 """
 
 
 def start(checkpoint, cache_db) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DEV": "CPU", "PARALLEL": "0", "CACHEDB": str(cache_db)}
+    # PARALLEL as a worker runs: kernels compile in tinygrad's pool, so only what this module does opens the cache
+    # database in the warm-up's thread (tinygrad's own connection works only in the thread that opened it)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DEV": "CPU", "PARALLEL": "2", "CACHEDB": str(cache_db)}
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(checkpoint)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -49,11 +62,12 @@ def start(checkpoint, cache_db) -> dict:
 def test_a_restart_takes_everything_from_disk_and_gives_the_same_tokens(demo_checkpoint, tmp_path):
     first = start(demo_checkpoint, tmp_path / "cache.db")
     assert first["cache"]["schedule_hits"] == first["cache"]["program_hits"] == 0
-    assert first["cache"]["schedule_misses"] > 0 and first["cache"]["program_misses"] > 0
+    assert first["cache"]["program_misses"] > 0
     again = start(demo_checkpoint, tmp_path / "cache.db")
     assert again["cache"]["schedule_misses"] == again["cache"]["program_misses"] == 0
     assert again["cache"]["schedule_hits"] >= first["cache"]["schedule_misses"]
     assert again["cache"]["program_hits"] == first["cache"]["program_misses"]
+    assert len(first["tokens"]) == 4  # the call from another thread after warm-up ran too
     assert again["tokens"] == first["tokens"]  # the first start captured without the cache's help
 
 

@@ -20,9 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import pickle
+import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class Stats:
 
 
 stats = Stats()
+_active = False  # the disk is used only while warming up (`active`): not from serving threads, not per request
 _code_fingerprint: str | None = None
 _table_fingerprints: dict[int, str] = {}
 
@@ -86,12 +91,32 @@ def _tuning() -> str:
     return fp
 
 
+_db: sqlite3.Connection | None = None  # our own connection to tinygrad's cache database, open inside `active`
+
+
+def _open() -> sqlite3.Connection | None:
+    """A connection of this thread to tinygrad's cache database (CACHEDB), or None where CACHELEVEL turns caching
+    off. Not tinygrad's own connection: that one belongs to the thread that first opened it, and tinygrad's compile
+    cache uses it from whichever thread compiles a kernel later (a serving thread)."""
+    from tinygrad.helpers import CACHEDB, CACHELEVEL
+
+    if CACHELEVEL < 1:
+        return None
+    os.makedirs(os.path.dirname(CACHEDB), exist_ok=True)
+    db = sqlite3.connect(CACHEDB, timeout=60)
+    for table in (SCHEDULES, PROGRAMS):
+        db.execute(f"CREATE TABLE IF NOT EXISTS '{table}_{FORMAT}' (key text PRIMARY KEY, val blob)")
+    db.commit()
+    return db
+
+
 def _load(table: str, key: str) -> Any:
     """The stored value, or None (absent, caching off, or unreadable: then it is recomputed and stored again)."""
-    from tinygrad.helpers import diskcache_get
-
+    if _db is None:
+        return None
     try:
-        return diskcache_get(table, key)
+        row = _db.execute(f"SELECT val FROM '{table}_{FORMAT}' WHERE key=?", (key,)).fetchone()
+        return None if row is None else pickle.loads(row[0])
     except Exception as exc:  # noqa: BLE001  (a damaged or foreign entry is a miss, never a failed start)
         log.warning("capture cache: entry %s of %s unreadable (%s); recomputing it", key[:12], table, exc)
         return None
@@ -109,7 +134,6 @@ def _structure_only(u) -> tuple:
 def dumps(value: Any) -> bytes:
     import copyreg
     import io
-    import pickle
 
     from tinygrad.uop.ops import UOp
 
@@ -121,11 +145,12 @@ def dumps(value: Any) -> bytes:
 
 
 def _store(table: str, key: str, value: Any) -> None:
-    from tinygrad.helpers import diskcache_put
-
+    if _db is None:
+        return
     try:
-        diskcache_put(table, key, dumps(value), prepickled=True)
-    except (RecursionError, TypeError, AttributeError, ValueError) as exc:  # not picklable: only slower next time
+        _db.execute(f"REPLACE INTO '{table}_{FORMAT}' (key, val) VALUES (?, ?)", (key, dumps(value)))
+        _db.commit()
+    except Exception as exc:  # noqa: BLE001  (an entry not stored only makes the next start slower)
         log.warning("capture cache: could not store an entry of %s (%s)", table, exc)
 
 
@@ -151,8 +176,8 @@ class DiskSchedules(dict):
     with .get and fills it with item assignment (schedule/__init__.py: lower_sink_to_linear)."""
 
     def get(self, key: bytes, default: Any = None) -> Any:
-        if (value := super().get(key)) is not None:
-            return value
+        if (value := super().get(key)) is not None or not _active:
+            return default if value is None else value
         if (value := _load(SCHEDULES, schedule_key(key))) is None:
             stats.schedule_misses += 1
             return default
@@ -162,13 +187,16 @@ class DiskSchedules(dict):
 
     def __setitem__(self, key: bytes, value: Any) -> None:
         super().__setitem__(key, value)
-        _store(SCHEDULES, schedule_key(key), value)
+        if _active:
+            _store(SCHEDULES, schedule_key(key), value)
 
 
 class DiskPrograms:
     """The program store of worker_svc.lowering: lowered, compiled kernels by tinygrad's in-memory cache key."""
 
     def load(self, key: tuple, renderer) -> Any:
+        if not _active:
+            return None
         if (program := _load(PROGRAMS, program_key(key, renderer))) is None:
             stats.program_misses += 1
         else:
@@ -176,11 +204,30 @@ class DiskPrograms:
         return program
 
     def save(self, key: tuple, renderer, program) -> None:
-        _store(PROGRAMS, program_key(key, renderer), program)
+        if _active:
+            _store(PROGRAMS, program_key(key, renderer), program)
+
+
+@contextmanager
+def active() -> Iterator[None]:
+    """Use the disk inside this block (the warm-up, in the thread that runs it): tinygrad's cache database is a
+    connection of the thread that opened it, and what runs after warm-up (a slot's first penalties, say) should
+    not wait on the disk."""
+    global _active, _db
+    install()
+    _db, _active = _open(), True
+    try:
+        yield
+    finally:
+        _active = False
+        if _db is not None:
+            _db.close()
+        _db = None
 
 
 def install() -> None:
-    """Back tinygrad's schedule and program caches with the disk, in this process (idempotent)."""
+    """Back tinygrad's schedule and program caches with the disk, in this process (idempotent; used only inside
+    `active`)."""
     import tinygrad.schedule as schedule
 
     from worker_svc import lowering

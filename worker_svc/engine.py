@@ -1,6 +1,7 @@
 """Builds everything a worker serves from: config, resident weights, KV pool, model and runner."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pathlib
@@ -48,8 +49,6 @@ class WorkerEngine:
         self.tuning = tuning.load_for(self.device, opts.tuning)
         if self.tuning is not None:
             tuning.install(self.tuning)
-        if opts.capture_cache:
-            capture_cache.install()
         self.dtype = compute_dtype_for(self.config, opts.dtype)
         self.max_context = min(opts.max_context or self.config.max_position_embeddings,
                                self.config.max_position_embeddings)
@@ -66,7 +65,8 @@ class WorkerEngine:
         self.runner = ModelRunner(self.model, opts.decode_batch_sizes, opts.prefill_shapes, opts.max_steps)
         if opts.warm_up:
             t0 = time.perf_counter()
-            self.runner.warm_up()
+            with capture_cache.active() if opts.capture_cache else contextlib.nullcontext():
+                self.runner.warm_up()
             s = capture_cache.stats
             log.info("captured %d graphs in %.1fs (capture cache: %d of %d schedules and %d of %d kernels from disk)",
                      len(self.runner.captured()), time.perf_counter() - t0, s.schedule_hits,
