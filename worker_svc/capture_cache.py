@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what is stored changes
+FORMAT = 2  # bump when what is stored changes
 SCHEDULES, PROGRAMS = "tinyvllm_schedules", "tinyvllm_programs"
 # settings that change how tinygrad reports or runs, not what it schedules or lowers
 _NEUTRAL_SETTINGS = {"DEBUG", "VIZ", "PROFILE", "TRACK_MATCH_STATS", "CAPTURING", "PARALLEL", "CACHELEVEL",
@@ -104,8 +104,9 @@ def _open() -> sqlite3.Connection | None:
         return None
     os.makedirs(os.path.dirname(CACHEDB), exist_ok=True)
     db = sqlite3.connect(CACHEDB, timeout=60)
-    for table in (SCHEDULES, PROGRAMS):
-        db.execute(f"CREATE TABLE IF NOT EXISTS '{table}_{FORMAT}' (key text PRIMARY KEY, val blob)")
+    db.execute(f"CREATE TABLE IF NOT EXISTS '{PROGRAMS}_{FORMAT}' (key text PRIMARY KEY, val blob)")
+    db.execute(f"CREATE TABLE IF NOT EXISTS '{SCHEDULES}_{FORMAT}' "
+               "(fp text, fkey blob, val blob, PRIMARY KEY (fp, fkey))")
     db.commit()
     return db
 
@@ -158,10 +159,6 @@ def _disk_key(*parts: Any) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
 
 
-def schedule_key(function_key: bytes) -> str:
-    return _disk_key("schedule", _code(), _settings(), function_key.hex())
-
-
 def program_key(key: tuple, renderer) -> str:
     """tinygrad's to_program_key (AST key, renderer type, target, settings) plus the tuning table and compiler."""
     ast_key, renderer_type, *rest = key
@@ -171,24 +168,45 @@ def program_key(key: tuple, renderer) -> str:
                      f"{renderer_type.__module__}.{renderer_type.__qualname__}", repr(rest), repr(compiler_id))
 
 
-class DiskSchedules(dict):
-    """tinygrad's schedule cache (function key -> LINEAR of kernel calls), backed by the disk. tinygrad reads it
-    with .get and fills it with item assignment (schedule/__init__.py: lower_sink_to_linear)."""
+def _schedules_fingerprint() -> str:
+    return _disk_key("schedules", _code(), _settings())
 
-    def get(self, key: bytes, default: Any = None) -> Any:
-        if (value := super().get(key)) is not None or not _active:
-            return default if value is None else value
-        if (value := _load(SCHEDULES, schedule_key(key))) is None:
-            stats.schedule_misses += 1
-            return default
-        stats.schedule_hits += 1
-        super().__setitem__(key, value)
-        return value
 
-    def __setitem__(self, key: bytes, value: Any) -> None:
-        super().__setitem__(key, value)
-        if _active:
-            _store(SCHEDULES, schedule_key(key), value)
+def _load_schedules(cache: dict) -> set[bytes]:
+    """Every stored schedule made under this fingerprint, put into tinygrad's schedule cache; their keys.
+
+    tinygrad's cache is filled in place, not replaced by a disk-backed one: its scheduler looks the cache up
+    through a copy of its module's globals taken when the pattern is first used (uop/ops.py
+    deconstruct_function), so a replacement installed after the process's first schedule would never be seen."""
+    if _db is None:
+        return set()
+    try:
+        rows = _db.execute(f"SELECT fkey, val FROM '{SCHEDULES}_{FORMAT}' WHERE fp=?",
+                           (_schedules_fingerprint(),)).fetchall()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("capture cache: schedules unreadable (%s)", exc)
+        return set()
+    loaded = set()
+    for fkey, val in rows:
+        try:
+            cache.setdefault(bytes(fkey), pickle.loads(val))
+            loaded.add(bytes(fkey))
+        except Exception as exc:  # noqa: BLE001  (a damaged entry is recomputed)
+            log.warning("capture cache: a schedule is unreadable (%s)", exc)
+    return loaded
+
+
+def _store_schedules(cache: dict, keys: list[bytes]) -> None:
+    if _db is None or not keys:
+        return
+    fp = _schedules_fingerprint()
+    for fkey in keys:
+        try:
+            _db.execute(f"REPLACE INTO '{SCHEDULES}_{FORMAT}' (fp, fkey, val) VALUES (?, ?, ?)",
+                        (fp, fkey, dumps(cache[fkey])))
+        except Exception as exc:  # noqa: BLE001  (not stored: only the next start is slower)
+            log.warning("capture cache: could not store a schedule (%s)", exc)
+    _db.commit()
 
 
 class DiskPrograms:
@@ -214,24 +232,29 @@ def active() -> Iterator[None]:
     connection of the thread that opened it, and what runs after warm-up (a slot's first penalties, say) should
     not wait on the disk."""
     global _active, _db
+    import tinygrad.schedule as schedule
+
     install()
     _db, _active = _open(), True
+    cache = schedule.schedule_cache
+    loaded = _load_schedules(cache)
+    before = set(cache)
     try:
         yield
     finally:
         _active = False
+        new = [k for k in cache if k not in before]
+        stats.schedule_hits += len(loaded)
+        stats.schedule_misses += len(new)
+        _store_schedules(cache, new)
         if _db is not None:
             _db.close()
         _db = None
 
 
 def install() -> None:
-    """Back tinygrad's schedule and program caches with the disk, in this process (idempotent; used only inside
+    """Give tinygrad's lowering the disk as a program store, in this process (idempotent; used only inside
     `active`)."""
-    import tinygrad.schedule as schedule
-
     from worker_svc import lowering
 
-    if not isinstance(schedule.schedule_cache, DiskSchedules):
-        schedule.schedule_cache = DiskSchedules(schedule.schedule_cache)
     lowering.install(DiskPrograms())
