@@ -40,15 +40,32 @@ def uniform_noise(seeds: Tensor, counters: Tensor, vocab: int, seeds_high: Tenso
     return ((bits >> 8).cast(dtypes.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def _largest_passing(values: Tensor, lo: Tensor, hi: Tensor, passes) -> Tensor:
+CHUNK = 256  # vocabulary entries per partial sum of a vocabulary-wide count
+
+
+def _chunked(x: Tensor, fill: float) -> Tensor:
+    """(..., V) -> (..., ceil(V / CHUNK), CHUNK), padded with `fill`, for `_vocab_sum`."""
+    *lead, V = x.shape
+    return x.pad(((0, 0),) * len(lead) + ((0, -V % CHUNK),), value=fill).reshape(*lead, -1, CHUNK)
+
+
+def _vocab_sum(x: Tensor) -> Tensor:
+    """(..., C, CHUNK) -> (...): a sum over the vocabulary as two, each chunk's and then the chunks'. As one
+    reduction tinygrad ran it on a single workgroup per row with each thread looping over all 32,000 entries
+    (`r_16_32000` at batch 1: 16 threads); chunked, thousands of threads share the work."""
+    return x.sum(-1).contiguous().sum(-1)
+
+
+def _largest_passing(lo: Tensor, hi: Tensor, passes) -> Tensor:
     """Per row, the largest threshold t in [lo, hi] with passes(t) true, to a 16**ROUNDS resolution.
 
-    `passes(t)` must be true at lo and monotonically decreasing in t; values is (B, V), lo and hi are (B, 1)."""
+    `passes(t)` gets the (B, GRID, 1, 1) candidates and returns (B, GRID) bools: true at lo and monotonically
+    decreasing in t. lo and hi are (B, 1)."""
     steps = Tensor.arange(1, GRID + 1).float().reshape(1, GRID)
     for _ in range(ROUNDS):
         width = (hi - lo) / GRID
         candidates = lo + width * steps  # (B, GRID)
-        n_pass = passes(candidates.reshape(-1, GRID, 1)).sum(-1, keepdim=True).float()  # (B, 1)
+        n_pass = passes(candidates.reshape(-1, GRID, 1, 1)).sum(-1, keepdim=True).float()  # (B, 1)
         lo = lo + width * n_pass
         hi = lo + width
     return lo
@@ -85,18 +102,18 @@ def _top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """Temperature-scaled logits with the tokens outside each row's top-k and top-p set to -inf."""
     B, V = scaled.shape
     # top-k: keep logits >= the largest threshold that still leaves at least k of them
-    k = (top_k <= 0).where(V, top_k.minimum(V)).reshape(B, 1, 1).float()
-    vals = scaled.reshape(B, 1, V)
+    k = (top_k <= 0).where(V, top_k.minimum(V)).reshape(B, 1).float()
+    vals = _chunked(scaled.reshape(B, 1, V), -float("inf"))
     lo, hi = scaled.min(-1, keepdim=True), scaled.max(-1, keepdim=True)
-    kth = _largest_passing(scaled, lo, hi, lambda t: ((vals >= t).sum(-1) >= k.reshape(B, 1)))
+    kth = _largest_passing(lo, hi, lambda t: _vocab_sum(vals >= t) >= k)
     scaled = (scaled >= kth).where(scaled, -float("inf"))
 
     # top-p: keep the most likely tokens whose probabilities sum to at least top_p
     probs = scaled.softmax(-1)
     p = top_p.reshape(B, 1)
-    pvals = probs.reshape(B, 1, V)
+    pvals = _chunked(probs.reshape(B, 1, V), 0.0)
     zero, pmax = probs.min(-1, keepdim=True) * 0, probs.max(-1, keepdim=True)
-    cut = _largest_passing(probs, zero, pmax, lambda t: ((pvals >= t).where(pvals, 0).sum(-1) >= p))
+    cut = _largest_passing(zero, pmax, lambda t: _vocab_sum((pvals >= t).where(pvals, 0)) >= p)
     cut = (p >= 1.0).where(0.0, cut)
     return (probs >= cut).where(scaled, -float("inf"))
 
@@ -143,13 +160,13 @@ def token_logprobs(logits: Tensor, chosen: Tensor, k: int = NUM_LOGPROBS) -> Ten
     mine = lp.gather(1, chosen.reshape(B, 1).cast(dtypes.int32))
     rank = (lp >= mine).sum(-1, keepdim=True).float()
     kk = Tensor.full((B, 1), min(k, V)).float()
-    vals = lp.reshape(B, 1, V)
+    vals = _chunked(lp.reshape(B, 1, V), -float("inf"))
     lo, hi = lp.min(-1, keepdim=True), lp.max(-1, keepdim=True)
-    kth = _largest_passing(lp, lo, hi, lambda t: (vals >= t).sum(-1) >= kk)
+    kth = _largest_passing(lo, hi, lambda t: _vocab_sum(vals >= t) >= kk)
     keep = lp >= kth
     order = keep.cast(dtypes.int32).cumsum(-1)  # 1, 2, ... at the kept ids
     want = Tensor.arange(1, k + 1, dtype=dtypes.int32).reshape(1, k, 1)
     hit = keep.reshape(B, 1, V) & (order.reshape(B, 1, V) == want)
-    ids = hit.where(Tensor.arange(V, dtype=dtypes.int32).reshape(1, 1, V), 0).sum(-1)  # (B, k)
+    ids = _vocab_sum(_chunked(hit.where(Tensor.arange(V, dtype=dtypes.int32).reshape(1, 1, V), 0), 0))  # (B, k)
     top = lp.gather(1, ids)
     return mine.cat(rank, ids.float(), top, dim=1)
