@@ -1,8 +1,9 @@
-"""Fused paged attention for decode (one query token per row) as ONE tinygrad custom kernel per layer.
+"""Fused paged attention (one query token per row) as ONE tinygrad custom kernel per layer, for decode and prefill.
 
-The Tensor version in model.py gathers K and V out of the pool (two materialised copies of the context), then runs
+Attention as Tensor ops gathers K and V out of the pool (two materialised copies of the context), then runs
 scores, max, exp-sum and P@V as separate kernels: about 8 launches per layer. This kernel reads K and V in place
-from the paged pool through the block table and keeps every intermediate on chip.
+from the paged pool through the block table and keeps every intermediate on chip. A prefill chunk's tokens are
+rows too, each with its own position, sharing their sequence's table row (`queries_per_table`).
 
 Work layout on GPUs (`Renderer.has_local`):
   * one workgroup per (row b, kv head h, group of Gw query heads). The Gw query heads that share the KV head reuse
