@@ -214,9 +214,10 @@ class ModelRunner:
         counted = self._counts.custom_kernel(slot, next_tokens, fxn=_count_kernel)[0]
         return Tensor(sampled.uop.after(store, lp_store, counted.uop))
 
-    def _upload(self, tokens: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
+    def _upload(self, *host: Tensor) -> tuple[Tensor, ...]:
+        """Host (NPY) tensors copied to the device: the body of the captured upload graphs."""
         device = self.model.weights.embed.device
-        return tokens.to(device).contiguous(), meta.to(device).contiguous()
+        return tuple(t.to(device).contiguous() for t in host)
 
     def _decode_inputs(self, tokens: Tensor, step: UOp) -> Tensor:
         """(B, 1) input tokens of a decode step, gathered on the device from the sampled buffer where they were
@@ -244,8 +245,6 @@ class ModelRunner:
         for name in ("positions", "chunk_lens", "temperature", "top_p", "top_k", "seeds", "counters"):
             if getattr(batch, name).shape != (B,):
                 raise BatchError(f"{name} must have one entry per row ({B}), got shape {getattr(batch, name).shape}")
-        if batch.seeds_high is not None and batch.seeds_high.shape != (B,):
-            raise BatchError(f"seeds_high must have one entry per row ({B}), got shape {batch.seeds_high.shape}")
         if batch.block_tables.shape != (B, self.table_width):
             raise BatchError(f"block_tables must be ({B}, {self.table_width}), got {batch.block_tables.shape}")
         if not 1 <= batch.num_steps <= self.max_steps:
@@ -268,7 +267,7 @@ class ModelRunner:
             raise BatchError("top_p must be in (0, 1]")
         if (batch.top_k < 0).any():
             raise BatchError("top_k must be >= 0 (0: off)")
-        for name in ("slots", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in ("slots", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seeds_high"):
             value = getattr(batch, name)
             if value is not None and value.shape != (B,):
                 raise BatchError(f"{name} must have one entry per row ({B}), got shape {value.shape}")
@@ -394,8 +393,8 @@ class ModelRunner:
         return tokens
 
     def _init_slots(self, inits: list[SlotInit]) -> None:
-        """Writes each slot's counts and bias rows (eagerly, outside the graphs: once per sequence admission)."""
-        V = self.model.config.vocab_size
+        """Writes each slot's counts, bias and min_tokens (once per sequence admission), through the captured
+        slot writer, before the call's steps."""
         slot, counts, bias, min_tokens = self._slot_host
         for init in inits:
             slot[0], min_tokens[0] = init.slot, init.min_tokens
@@ -411,10 +410,8 @@ class ModelRunner:
             self._write_slot(*self._slot_inputs)  # copies the host rows now; the write runs before the next call
 
     def _write_slot_graph(self, slot: Tensor, counts: Tensor, bias: Tensor, min_tokens: Tensor) -> Tensor:
-        device = self.model.weights.embed.device
-        ins = [t.to(device).contiguous() for t in (slot, counts, bias, min_tokens)]
-        outs = self._counts.custom_kernel(self._bias, self._min_tokens, *ins, fxn=_write_slot_kernel)
-        return outs[0]
+        ins = self._upload(slot, counts, bias, min_tokens)
+        return self._counts.custom_kernel(self._bias, self._min_tokens, *ins, fxn=_write_slot_kernel)[0]
 
     def slot_state(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """(counts, bias) rows of a slot, for tests."""
@@ -436,7 +433,8 @@ class ModelRunner:
         for B, T in tqdm(self.buckets, desc="capturing graphs", unit="bucket", disable=not progress):
             self.capture(B, T)
         empty = np.zeros(0, np.int32)
-        for _ in range(3):  # the slot writer too (slot 0 is the scratch slot: rows without a slot of their own)
+        compat.capture_on_next_call(self._write_slot)
+        for _ in range(2):  # the slot writer too (slot 0 is the scratch slot: rows without a slot of their own)
             self._init_slots([SlotInit(0, empty, empty, empty, np.zeros(0, np.float32), empty)])
 
     def capture(self, B: int, T: int) -> None:
