@@ -135,7 +135,8 @@ def run(shape: str, decode_batch_sizes: list[int], prefill_shapes: list[tuple[in
     finally:
         _TinyJit.__call__, ModelRunner.capture = original_call, original_capture
     return dict(cache=vars(capture_cache.stats) if cache else None, setup_s=setup_s, warm_up_s=total, warm_up_cpu_s=cpu, buckets=buckets, calls=calls, split=clock.snapshot(),
-                tuning_hits=table.hits if table else None, tuning_misses=table.misses if table else None)
+                tuning_hits=table.hits if table else None, tuning_misses=table.misses if table else None,
+                tuning_large_misses=sorted(set(table.large_misses)) if table else None)
 
 
 def print_report(report: dict, verbose: bool) -> None:
@@ -155,6 +156,9 @@ def print_report(report: dict, verbose: bool) -> None:
     print(f"total warm-up {report['warm_up_s']:.2f} s, {report['warm_up_cpu_s']:.2f} s of CPU in this process "
           f"(runner set-up {report['setup_s']:.2f} s); "
           f"split: {fmt(report['split'])}; tuning table hits {report['tuning_hits']}, misses {report['tuning_misses']}")
+    if report["tuning_large_misses"]:
+        print(f"large kernels (4 MB or more) the tuning table lacks, so they run on tinygrad's heuristics "
+              f"(`make tune` searches them): {', '.join(report['tuning_large_misses'])}")
     if report["cache"] is not None:
         print("capture cache: " + ", ".join(f"{k} {v}" for k, v in report["cache"].items()))
 

@@ -56,6 +56,40 @@ def _vocab_sum(x: Tensor) -> Tensor:
     return x.sum(-1).contiguous().sum(-1)
 
 
+def _vocab_max(x: Tensor) -> Tensor:
+    """(..., V) -> (..., 1): the largest entry, chunk by chunk and then over the chunks (see `_vocab_sum`)."""
+    return _chunked(x, -float("inf")).max(-1).contiguous().max(-1, keepdim=True)
+
+
+def _vocab_min(x: Tensor) -> Tensor:
+    return -_vocab_max(-x)
+
+
+def softmax(x: Tensor) -> Tensor:
+    """x.softmax(-1) over the vocabulary with chunked reductions: as one reduction each, the max and the sum ran on
+    16 threads per row looping over 2,000 entries each (`r_16_2000`)."""
+    e = (x - _vocab_max(x)).exp()
+    return e / _vocab_sum(_chunked(e, 0.0)).unsqueeze(-1)
+
+
+def log_softmax(x: Tensor) -> Tensor:
+    shifted = x - _vocab_max(x)
+    return shifted - _vocab_sum(_chunked(shifted.exp(), 0.0)).log().unsqueeze(-1)
+
+
+def argmax(x: Tensor) -> Tensor:
+    """(B, V) -> (B,) int32: the first index of each row's largest entry, as Tensor.argmax, in chunked reductions.
+    x is written out once so that the max and the search for it read the same stored values (recomputed in two
+    kernels, a compiler could round them differently)."""
+    B, V = x.shape
+    x = x.contiguous()
+    top = _vocab_max(x).reshape(B, 1, 1)
+    chunks = _chunked(x, -float("inf"))
+    index = Tensor.arange(chunks.shape[-2] * CHUNK, dtype=dtypes.int32).reshape(chunks.shape[-2:])
+    first = (chunks == top).where(index, V).min(-1).contiguous().min(-1)  # padding is -inf: never before a real max
+    return first.minimum(V - 1).cast(dtypes.int32)
+
+
 def _largest_passing(lo: Tensor, hi: Tensor, passes) -> Tensor:
     """Per row, the largest threshold t in [lo, hi] with passes(t) true, to a 16**ROUNDS resolution.
 
@@ -88,14 +122,14 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
         # tokens a row may not emit (-inf: allowed ids, min_p) sit 1000 below its best token instead: never drawn
         # (Gumbel noise spans about 20), and the top-k/top-p search keeps a finite range
         scaled = apply_min_p(scaled, min_p)
-        scaled = scaled.maximum(scaled.max(-1, keepdim=True) - 1000.0)
+        scaled = scaled.maximum(_vocab_max(scaled) - 1000.0)
     if filters:
         scaled = _top_k_top_p(scaled, top_k, top_p)
 
     # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). Greedy rows add no noise,
     # so one argmax serves both (two argmaxes over the vocabulary fused into one slow kernel on CUDA).
     gumbel = -(-uniform_noise(seeds, counters, V, seeds_high).log()).log()
-    return (scaled + greedy.where(0.0, gumbel)).argmax(-1).cast(dtypes.int32)
+    return argmax(scaled + greedy.where(0.0, gumbel))
 
 
 def _top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -104,15 +138,15 @@ def _top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     # top-k: keep logits >= the largest threshold that still leaves at least k of them
     k = (top_k <= 0).where(V, top_k.minimum(V)).reshape(B, 1).float()
     vals = _chunked(scaled.reshape(B, 1, V), -float("inf"))
-    lo, hi = scaled.min(-1, keepdim=True), scaled.max(-1, keepdim=True)
+    lo, hi = _vocab_min(scaled), _vocab_max(scaled)
     kth = _largest_passing(lo, hi, lambda t: _vocab_sum(vals >= t) >= k)
     scaled = (scaled >= kth).where(scaled, -float("inf"))
 
     # top-p: keep the most likely tokens whose probabilities sum to at least top_p
-    probs = scaled.softmax(-1)
+    probs = softmax(scaled)
     p = top_p.reshape(B, 1)
     pvals = _chunked(probs.reshape(B, 1, V), 0.0)
-    zero, pmax = probs.min(-1, keepdim=True) * 0, probs.max(-1, keepdim=True)
+    zero, pmax = probs[:, :1] * 0, _vocab_max(probs)
     cut = _largest_passing(zero, pmax, lambda t: _vocab_sum((pvals >= t).where(pvals, 0)) >= p)
     cut = (p >= 1.0).where(0.0, cut)
     return (probs >= cut).where(scaled, -float("inf"))
@@ -145,8 +179,8 @@ def apply_bias_and_penalties(logits: Tensor, counts: Tensor, bias: Tensor, repet
 def apply_min_p(scaled: Tensor, min_p: Tensor) -> Tensor:
     """Tokens whose probability (after temperature) is below min_p times the row's most likely one's: -inf."""
     B = scaled.shape[0]
-    probs = scaled.softmax(-1)
-    return (probs < min_p.reshape(B, 1) * probs.max(-1, keepdim=True)).where(-float("inf"), scaled)
+    probs = softmax(scaled)
+    return (probs < min_p.reshape(B, 1) * _vocab_max(probs)).where(-float("inf"), scaled)
 
 
 def token_logprobs(logits: Tensor, chosen: Tensor, k: int = NUM_LOGPROBS) -> Tensor:
@@ -156,12 +190,12 @@ def token_logprobs(logits: Tensor, chosen: Tensor, k: int = NUM_LOGPROBS) -> Ten
     the k-th largest value is found by the threshold search, then the ids at or above it are gathered by their
     running count."""
     B, V = logits.shape
-    lp = logits.float().log_softmax(-1)
+    lp = log_softmax(logits.float()).contiguous()  # stored once: every comparison below reads the same values
     mine = lp.gather(1, chosen.reshape(B, 1).cast(dtypes.int32))
-    rank = (lp >= mine).sum(-1, keepdim=True).float()
+    rank = _vocab_sum(_chunked((lp >= mine).float(), 0.0)).unsqueeze(-1)
     kk = Tensor.full((B, 1), min(k, V)).float()
     vals = _chunked(lp.reshape(B, 1, V), -float("inf"))
-    lo, hi = lp.min(-1, keepdim=True), lp.max(-1, keepdim=True)
+    lo, hi = _vocab_min(lp), _vocab_max(lp)
     kth = _largest_passing(lo, hi, lambda t: _vocab_sum(vals >= t) >= kk)
     keep = lp >= kth
     order = keep.cast(dtypes.int32).cumsum(-1)  # 1, 2, ... at the kept ids

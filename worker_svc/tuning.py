@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 ENV = "TINYVLLM_TUNING"
 TUNING_DIR = pathlib.Path(__file__).resolve().parent.parent / "tuning"
 FORMAT = 1
+LARGE_BYTES = 4_000_000  # kernels this large are worth a table entry (`make tune`'s default --min-mb 4)
 
 
 class TuningTable:
@@ -31,6 +32,7 @@ class TuningTable:
         self.device = device
         self.entries: dict[str, list] = dict(entries or {})
         self.hits = self.misses = 0
+        self.large_misses: list[str] = []  # names of kernels of LARGE_BYTES or more that the table lacked
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> "TuningTable":
@@ -106,9 +108,12 @@ def _apply_opts(original, ast, ren, beam: int = 0):
         except KernelOptError as exc:  # a table made by another tinygrad version or device: fall back
             log.warning("tuning entry %s does not apply (%s); using heuristics", key[:12], exc)
     table.misses += 1
+    large = kernel_bytes(ast) >= LARGE_BYTES
     if beam and _record_min_bytes is not None and kernel_bytes(ast) < _record_min_bytes:
         beam = 0  # small kernel: not worth a search
     out = original(ast, ren, beam)
+    if large:
+        table.large_misses.append(f"{out.arg.name} ({key[:12]})")
     if beam and _record_min_bytes is not None:
         table.entries[key] = [opt_to_json(o) for o in out.arg.applied_opts]
     return out
