@@ -142,7 +142,10 @@ class LlamaModel:
     def logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
                num_blocks: UOp | int, last_index: Tensor | None = None) -> Tensor:
         """fp32 logits (B, V) of each row's token at `last_index` (B,), or of its only token when T == 1."""
-        hidden = self.hidden_states(tokens, positions, slots, block_tables, num_blocks)
+        return self.last_logits(self.hidden_states(tokens, positions, slots, block_tables, num_blocks), last_index)
+
+    def last_logits(self, hidden: Tensor, last_index: Tensor | None = None) -> Tensor:
+        """fp32 logits (B, V) of the normed hidden states (B, T, D) at `last_index` (B,), or T == 1's only one."""
         B, T, D = hidden.shape
         if T == 1:
             last = hidden.reshape(B, D)
@@ -151,3 +154,7 @@ class LlamaModel:
             pick = Tensor.arange(T).reshape(1, T) == last_index.reshape(B, 1)
             last = pick.reshape(B, T, 1).where(hidden, 0).sum(1).cast(hidden.dtype)
         return (last @ self.weights.lm_head.T).float()
+
+    def all_logits(self, hidden: Tensor) -> Tensor:
+        """fp32 logits (B, T, V) of every position of the normed hidden states (B, T, D): what prompt logprobs read."""
+        return (hidden @ self.weights.lm_head.T).float()

@@ -11,6 +11,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
@@ -111,12 +112,25 @@ class Batch:
     slot_inits: list[SlotInit] = field(default_factory=list)  # applied before the call runs
 
     seeds_high: np.ndarray | None = None  # (B,) uint32 high halves of the 64-bit seeds; None: all 0
+    # prefill only: also read back every position's logprob of the row's next token (token_ids[i, j + 1]) and the
+    # top NUM_LOGPROBS alternatives, from a graph of its own (`ModelRunner.prompt_graph`)
+    prompt_logprobs: bool = False
+
     @property
     def uses_extras(self) -> bool:
         """Whether any row needs the full sampling graph's penalties, bias, min_p or logprobs."""
         return bool(self.logprobs or self.slot_inits
                     or (self.slots is not None and (self.slots > 0).any())
                     or (self.min_p is not None and (self.min_p > 0).any()))
+
+
+class CallResult(NamedTuple):
+    """What one call reads back: sampled ids (B, num_steps); if asked, their logprobs (B, num_steps, LOGPROB_COLS)
+    and the prompt logprobs of every position (B, T, LOGPROB_COLS)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray | None = None
+    prompt_logprobs: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -144,6 +158,11 @@ class ModelRunner:
         self._sampled = Tensor.zeros(self.max_rows, max_steps, dtype=dtypes.int32).contiguous().realize()
         self._last_call: tuple[int, int] | None = None  # (rows, num_steps) of the last call; None: unknown
         self.last_logprobs: np.ndarray | None = None  # (B, num_steps, LOGPROB_COLS) of the last call, if asked
+        self.last_prompt_logprobs: np.ndarray | None = None  # (B, T, LOGPROB_COLS) of the last call, if asked
+        # per prefill bucket, the graph that also computes every position's prompt logprobs, and its output buffer
+        # (rows: the largest prefill bucket's B * T): made and captured on first use (`prompt_graph`)
+        self._prompt_jits: dict[tuple[int, int], TinyJit] = {}
+        self._prompt_logprobs: Tensor | None = None
         # per bucket, the call's two host-to-device copies (token ids, packed metadata) as a captured graph too:
         # copied eagerly, each took milliseconds of tinygrad scheduling on the host (10 ms a call on the 2-core
         # CPU machine), which decided what a short, pipelined call costs
@@ -168,15 +187,21 @@ class ModelRunner:
         self._readback = readback.for_device(model.weights.embed.device)
 
     # ---- the captured computation ----------------------------------------------------------------------------
-    def _step(self, tokens: Tensor, meta: Tensor, step: UOp, num_blocks: UOp, filters: bool) -> Tensor:
+    def _step(self, tokens: Tensor, meta: Tensor, step: UOp, num_blocks: UOp, filters: bool,
+              prompt_logprobs: bool = False) -> Tensor:
         """One forward + sample for every row; `step` offsets positions and RNG counters inside multi-step calls.
 
         Decode step 0 reads `tokens`, where a negative id -1 - i names entry i of the flattened sampled buffer (a
         row of the previous call at its last step); step s > 0 reads the tokens sampled at step s - 1. `filters`
         (fixed per graph) includes the top-k/top-p search and the rest of vLLM's sampling parameters: logit bias,
         allowed ids, repetition/presence/frequency penalties from the slots' counts (updated here with the sampled
-        tokens), min_p, and every row's logprobs (written to the logprobs buffer)."""
+        tokens), min_p, and every row's logprobs (written to the logprobs buffer).
+
+        `prompt_logprobs` (prefill, with filters; a graph of its own) also writes, for every position j of every
+        row, the logprob and rank of the row's next token tokens[i, j + 1] and the top alternatives there
+        (`token_logprobs` over B * T rows of logits instead of B) to the prompt logprobs buffer."""
         B, T = tokens.shape
+        inputs = tokens
         sampled = self._sampled
         if T == 1:
             tokens = self._decode_inputs(tokens, step)
@@ -190,7 +215,12 @@ class ModelRunner:
         blocks = tables.gather(1, (positions // bs).clip(0, W - 1))
         slots = writable.where(blocks * bs + positions % bs, NULL_BLOCK * bs).cast(dtypes.int32)
         last = (meta[:, CHUNK_LEN] - 1).maximum(0)
-        logits = self.model.logits(tokens, positions.cast(dtypes.int32), slots, tables, num_blocks, last)
+        hidden = None
+        if prompt_logprobs:  # the last positions' logits as in the other graphs, every position's from the same states
+            hidden = self.model.hidden_states(tokens, positions.cast(dtypes.int32), slots, tables, num_blocks)
+            logits = self.model.last_logits(hidden.realize(), last)
+        else:
+            logits = self.model.logits(tokens, positions.cast(dtypes.int32), slots, tables, num_blocks, last)
         # scheduled on its own: the forward pass is the same in both graphs of a bucket, so the second one's
         # capture reuses the first one's schedule (tinygrad's schedule cache) and schedules only its sampling
         logits = logits.realize()
@@ -212,7 +242,13 @@ class ModelRunner:
         lp = token_logprobs(logits, next_tokens).reshape(B, 1, LOGPROB_COLS)
         lp_store = self._logprobs.uop.shrink(((0, B), (step, step + 1), (0, LOGPROB_COLS))).store(lp.uop)
         counted = self._counts.custom_kernel(slot, next_tokens, fxn=_count_kernel)[0]
-        return Tensor(sampled.uop.after(store, lp_store, counted.uop))
+        if hidden is None:
+            return Tensor(sampled.uop.after(store, lp_store, counted.uop))
+        every = self.model.all_logits(hidden).reshape(B * T, -1)
+        targets = inputs[:, 1:].pad(((0, 0), (0, 1))).reshape(B * T)  # position j's next token: j + 1's input
+        prompt_lp = token_logprobs(every, targets)
+        plp_store = self._prompt_logprobs.uop.shrink(((0, B * T), (0, LOGPROB_COLS))).store(prompt_lp.uop)
+        return Tensor(sampled.uop.after(store, lp_store, counted.uop, plp_store))
 
     def _upload(self, *host: Tensor) -> tuple[Tensor, ...]:
         """Host (NPY) tensors copied to the device: the body of the captured upload graphs."""
@@ -251,6 +287,8 @@ class ModelRunner:
             raise BatchError(f"num_steps must be in [1, {self.max_steps}]")
         if batch.num_steps > 1 and T != 1:
             raise BatchError("multi-step calls are decode only (one token per row)")
+        if batch.prompt_logprobs and T == 1:
+            raise BatchError("prompt_logprobs: prefill calls only (more than one token per row)")
         if (batch.chunk_lens < 0).any() or (batch.chunk_lens > T).any():
             raise BatchError(f"chunk_lens must be in [0, {T}]")
         if (batch.positions < 0).any() or (batch.positions + batch.chunk_lens > self.model.max_context).any():
@@ -337,6 +375,20 @@ class ModelRunner:
         B, T = self.validate(batch)
         return B, T, bool(((batch.top_k > 0) | (batch.top_p < 1.0)).any() or batch.uses_extras)
 
+    def prompt_graph(self, B: int, T: int) -> TinyJit:
+        """The prefill bucket's graph with prompt logprobs (full sampling, plus every position's logits and their
+        top alternatives), made and captured by its first call: few servers ever run one, and the other graphs
+        stay as they are, so start-up and every other call cost what they did."""
+        jit = self._prompt_jits.get((B, T))
+        if jit is None:
+            if self._prompt_logprobs is None:
+                rows = max(b * t for b, t in self.buckets if t > 1)
+                self._prompt_logprobs = Tensor.zeros(rows, LOGPROB_COLS).contiguous().realize()
+            jit = TinyJit(functools.partial(self._step, filters=True, prompt_logprobs=True))
+            compat.capture_on_next_call(jit)
+            self._prompt_jits[(B, T)] = jit
+        return jit
+
     def _input_tokens(self, batch: Batch) -> np.ndarray:
         """token_ids with each fed row's first token replaced by -1 - (its flat index in the sampled buffer): the
         previous call left the row's last token at [prev_row, its num_steps - 1]. Same bytes as token_ids, so a
@@ -360,13 +412,13 @@ class ModelRunner:
         np.copyto(host_meta, self._pack_meta(batch))
         return self._uploads[shape](tokens, meta)
 
-    def launch(self, batch: Batch) -> Callable[[], tuple[np.ndarray, np.ndarray | None]]:
+    def launch(self, batch: Batch) -> Callable[[], CallResult]:
         """Runs the batch's steps on the device and queues their read-back; returns a function that waits for the
-        results: the sampled token ids (B, num_steps) and, if asked, the logprobs (B, num_steps, LOGPROB_COLS).
-        Call it after releasing the device to other callers: the next call can be launched while this one runs
-        (worker_svc/readback.py). Two host-to-device copies and one or two copies back per call."""
+        results (CallResult). Call it after releasing the device to other callers: the next call can be launched
+        while this one runs (worker_svc/readback.py). Two host-to-device copies and one to three copies back per
+        call."""
         key = self.graph_key(batch)
-        jit = self._jits[key]
+        jit = self.prompt_graph(*key[:2]) if batch.prompt_logprobs else self._jits[key]
         self._init_slots(batch.slot_inits)
         tokens, meta = self._upload_inputs(batch, key[:2])
         num_blocks = self._blocks_var.bind(self.blocks_to_read(batch))
@@ -377,19 +429,23 @@ class ModelRunner:
         B, steps, S = batch.token_ids.shape[0], batch.num_steps, self.max_steps
         wait_tokens = self._readback.start(self._sampled, B * S)
         wait_logprobs = self._readback.start(self._logprobs, B * S * LOGPROB_COLS) if batch.logprobs else None
+        T = batch.token_ids.shape[1]
+        wait_prompt = (self._readback.start(self._prompt_logprobs, B * T * LOGPROB_COLS) if batch.prompt_logprobs
+                       else None)
         self._last_call = (B, steps)
 
-        def result() -> tuple[np.ndarray, np.ndarray | None]:
+        def result() -> CallResult:
             sampled = wait_tokens().reshape(B, S)[:, :steps]
-            if wait_logprobs is None:
-                return sampled, None
-            return sampled, wait_logprobs().reshape(B, S, LOGPROB_COLS)[:, :steps]
+            logprobs = None if wait_logprobs is None else wait_logprobs().reshape(B, S, LOGPROB_COLS)[:, :steps]
+            prompt = None if wait_prompt is None else wait_prompt().reshape(B, T, LOGPROB_COLS)
+            return CallResult(sampled, logprobs, prompt)
         return result
 
     def execute(self, batch: Batch) -> np.ndarray:
-        """launch() and wait: the sampled token ids (B, num_steps); the logprobs, if asked, in last_logprobs."""
-        self.last_logprobs = None
-        tokens, self.last_logprobs = self.launch(batch)()
+        """launch() and wait: the sampled token ids (B, num_steps); the logprobs and prompt logprobs, if asked, in
+        last_logprobs and last_prompt_logprobs."""
+        self.last_logprobs = self.last_prompt_logprobs = None
+        tokens, self.last_logprobs, self.last_prompt_logprobs = self.launch(batch)()
         return tokens
 
     def _init_slots(self, inits: list[SlotInit]) -> None:

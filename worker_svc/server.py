@@ -53,6 +53,7 @@ def decode_request(req: worker_pb2.ExecuteRequest, width: int) -> Batch:
         logprobs=req.logprobs,
         slot_inits=[_slot_init(init) for init in req.slot_inits],
         seeds_high=_optional(req.seeds_high, np.uint32, B, "seeds_high"),
+        prompt_logprobs=req.prompt_logprobs,
     )
 
 
@@ -203,7 +204,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # the device is this call's only while it launches; its results are awaited after, so the next call
             # is launched while this one still runs and the GPU does not idle between calls
             result = self.order.run(index, request.previous_call, lambda: runner.launch(batch))
-            tokens, logprobs = result()
+            tokens, logprobs, prompt_logprobs = result()
             done = time.perf_counter()  # device time: from this launch, or the previous call's end if later
             elapsed, self._last_done = done - max(t0, self._last_done), done
         except OutOfOrder as exc:
@@ -216,7 +217,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         assert logprobs is None or logprobs.shape[-1] == LOGPROB_COLS
         return worker_pb2.ExecuteResponse(
             token_ids=np.ascontiguousarray(tokens, np.int32).tobytes(), device_seconds=elapsed,
-            logprobs=b"" if logprobs is None else np.ascontiguousarray(logprobs, np.float32).tobytes())
+            logprobs=b"" if logprobs is None else np.ascontiguousarray(logprobs, np.float32).tobytes(),
+            prompt_logprobs=(b"" if prompt_logprobs is None
+                             else np.ascontiguousarray(prompt_logprobs, np.float32).tobytes()))
 
 
 def serve(engine: WorkerEngine, host: str, port: int, secret: str) -> grpc.Server:
