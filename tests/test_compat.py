@@ -63,3 +63,29 @@ def test_compile_worker_processes_get_the_fixes():
             assert pool.apply(_fixes_applied_here) is True
         finally:
             worker.terminate_worker_pool()
+
+
+def test_tinygrads_cache_database_works_from_any_thread(tmp_path, monkeypatch):
+    """A kernel compiled after warm-up, in a gRPC thread (a graph captured on its first use), looks itself up in
+    tinygrad's cache database: with tinygrad's one connection, opened by the warm-up's thread, sqlite refused."""
+    import threading
+
+    from tinygrad import helpers
+
+    from worker_svc.compat import per_thread_cache_database
+
+    per_thread_cache_database()
+    monkeypatch.setattr(helpers, "CACHEDB", str(tmp_path / "cache.db"))
+    out, errors = [], []
+
+    def use(value: int) -> None:
+        try:
+            helpers.diskcache_put("compat_test", value, value * 2)
+            out.append(helpers.diskcache_get("compat_test", value))
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+    for value in (1, 2):  # each in a thread of its own, as the server's pool runs calls
+        thread = threading.Thread(target=use, args=(value,))
+        thread.start()
+        thread.join()
+    assert not errors and out == [2, 4]

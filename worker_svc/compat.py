@@ -105,10 +105,42 @@ def capture_on_next_call(jit) -> None:
         jit.cnt = 1
 
 
+def per_thread_cache_database() -> None:
+    """tinygrad 0.14.0 keeps one sqlite connection to its cache database (helpers.db_connection), opened by the first
+    thread that looks a compiled kernel up, and sqlite refuses it in every other thread ("SQLite objects created in
+    a thread can only be used in that same thread"). Warm-up compiles in the main thread, so a kernel compiled
+    later in a gRPC thread (a graph captured on its first use: prompt logprobs) failed. Each thread gets a
+    connection of its own, opened as tinygrad opens its one."""
+    if "cache_db" in _applied:
+        return
+    import contextlib
+    import os
+    import sqlite3
+    import threading
+
+    from tinygrad import helpers
+
+    local = threading.local()
+
+    def db_connection() -> sqlite3.Connection:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            os.makedirs(os.path.dirname(helpers.CACHEDB), exist_ok=True)
+            conn = local.conn = sqlite3.connect(helpers.CACHEDB, timeout=60, isolation_level="IMMEDIATE")
+            with contextlib.suppress(sqlite3.OperationalError):
+                conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    helpers.db_connection = db_connection
+    _applied.add("cache_db")
+
+
 def apply_for(device: str) -> None:
     from worker_svc import lowering
 
     simplify_symbolic_estimates()
+    per_thread_cache_database()  # graphs captured on first use compile kernels in serving threads
     lowering.install()  # programs swapped into the calls without rewriting whole graphs
     patch_compile_workers()
     if device.split(":")[0] == "CUDA":
