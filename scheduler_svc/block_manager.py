@@ -98,12 +98,14 @@ class BlockManager:
             del self._free[block_id]
         block.ref_count += 1
 
-    def allocate_prompt(self, table: BlockTable, tokens: list[int]) -> None:
-        """Reuses cached full blocks of the prompt's prefix; sets num_cached_tokens. Allocates nothing else."""
+    def allocate_prompt(self, table: BlockTable, tokens: list[int], lookup: bool = True) -> None:
+        """Reuses cached full blocks of the prompt's prefix; sets num_cached_tokens. Allocates nothing else.
+        lookup=False finds nothing (and counts no query): a prompt whose every position's logits are needed (prompt
+        logprobs) is computed whole, as vLLM does; its blocks are still published as it computes them."""
         assert not table.block_ids
         parent = self.chain_hash(None, ("cache_salt", table.salt)) if table.salt else None
         # the last prompt token is always recomputed: its logits are needed to sample the first new token
-        for start in range(0, len(tokens) - self.block_size, self.block_size):
+        for start in range(0, len(tokens) - self.block_size if lookup else 0, self.block_size):
             chunk = tuple(tokens[start:start + self.block_size])
             h = self.chain_hash(parent, chunk)
             block_id = self._by_hash.get(h)
@@ -115,7 +117,7 @@ class BlockManager:
         table.num_hashed_blocks = len(table.block_ids)
         table.last_hash = parent
         table.num_cached_tokens = len(table.block_ids) * self.block_size
-        self.prefix_queries += len(tokens)
+        self.prefix_queries += len(tokens) if lookup else 0
         self.prefix_hits += table.num_cached_tokens
 
     def can_grow(self, table: BlockTable, num_tokens: int) -> bool:

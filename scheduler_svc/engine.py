@@ -180,7 +180,9 @@ class Engine:
         seqs: list[Sequence] = []
         arrival = time.monotonic()
         for i in range(n):
-            s = dataclasses.replace(sampling, seed=(seed + i) & 0xFFFFFFFFFFFFFFFF)
+            # the prompt's logprobs are the request's: sample 0 computes them, the others share its cached blocks
+            s = dataclasses.replace(sampling, seed=(seed + i) & 0xFFFFFFFFFFFFFFFF,
+                                    prompt_logprobs=sampling.prompt_logprobs if i == 0 else None)
             seqs.append(Sequence(request_id=request_id, prompt_ids=prompt_ids, sampling=s, max_length=self.max_length,
                                  detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
                                  eos_ids=self.tokenizer.eos_ids,
@@ -307,7 +309,10 @@ class Engine:
         sampled = np.frombuffer(response.token_ids, dtype=np.int32).reshape(batch.rows, batch.num_steps)
         logprobs = (np.frombuffer(response.logprobs, dtype=np.float32).reshape(batch.rows, batch.num_steps, -1)
                     if batch.logprobs and response.logprobs else None)
-        updates = self.scheduler.postprocess(batch, sampled, logprobs)
+        prompt_logprobs = (np.frombuffer(response.prompt_logprobs, dtype=np.float32)
+                           .reshape(batch.rows, batch.tokens, -1)
+                           if batch.prompt_logprobs and response.prompt_logprobs else None)
+        updates = self.scheduler.postprocess(batch, sampled, logprobs, prompt_logprobs)
         self._send_ready()  # the worker gets its next call before the streams are fed
         for seq, delta in updates:
             self.stats.tokens += len(delta.token_ids)
@@ -419,7 +424,8 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> w
         top_k=rows["top_k"].tobytes(), seeds=rows["seed"].tobytes(), seeds_high=rows["seed_high"].tobytes(),
         counters=column(batch.counters, np.uint32),
         instance_id=instance_id, call_index=batch.call_index, previous_call=batch.previous_call,
-        previous_rows=column(batch.prev_rows, np.int32, -1) if fed else b"", logprobs=batch.logprobs)
+        previous_rows=column(batch.prev_rows, np.int32, -1) if fed else b"", logprobs=batch.logprobs,
+        prompt_logprobs=batch.prompt_logprobs)
     if any(batch.slots) or rows["min_p"].any():  # the full graph's inputs; the plain graph needs none of them
         request.slots, request.min_p = column(batch.slots, np.int32), rows["min_p"].tobytes()
         request.repetition_penalty = rows["repetition_penalty"].tobytes()

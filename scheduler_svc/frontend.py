@@ -137,7 +137,7 @@ def merge_deltas(deltas: list[Delta]) -> list[Delta]:
         m = merged.get(d.index)
         if m is None:
             merged[d.index] = Delta(list(d.token_ids), d.text, d.finish, d.stop_reason,
-                                    None if d.logprobs is None else list(d.logprobs), d.index)
+                                    None if d.logprobs is None else list(d.logprobs), d.index, d.prompt_logprobs)
             continue
         m.token_ids += d.token_ids
         m.text += d.text
@@ -186,7 +186,9 @@ class RequestStream:
             request_id=seq.request_id, token_ids=delta.token_ids, text=delta.text,
             finish_reason=int(delta.finish), index=delta.index)
         if delta.logprobs is not None:
-            self._add_logprobs(response, delta.logprobs)
+            self._add_logprobs(response.logprobs, delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self._add_logprobs(response.prompt_logprobs, delta.prompt_logprobs)
         if done:
             response.prompt_tokens = len(seq.prompt_ids)
             response.completion_tokens = len(seq.output_ids)
@@ -194,11 +196,11 @@ class RequestStream:
             response.cached_prompt_tokens = seq.cached_prompt_tokens
         return response
 
-    def _add_logprobs(self, response: scheduler_pb2.GenerateResponse, logprobs) -> None:
+    def _add_logprobs(self, entries, logprobs) -> None:
+        """Logprob entries (sampled or prompt tokens) as TokenLogprobs messages, each token with its text."""
         texts = self.frontend.engine.tokenizer.texts
         for lp in logprobs:
-            entry = response.logprobs.add(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
-                                          text=texts[lp.token_id])
+            entry = entries.add(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank, text=texts[lp.token_id])
             for rank, (token_id, value) in enumerate(lp.top, 1):
                 entry.top.add(token_id=token_id, logprob=value, rank=rank, text=texts[token_id])
 

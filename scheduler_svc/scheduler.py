@@ -64,6 +64,7 @@ class ScheduledBatch:
     slots: list[int] = field(default_factory=list)  # the row's sampling slot, 0 if none or its sample is dropped
     slot_inits: list[Sequence] = field(default_factory=list)  # sequences whose slot this call fills first
     logprobs: bool = False  # some row wants its tokens' logprobs
+    prompt_logprobs: bool = False  # a prefill row wants its chunk's prompt logprobs (it runs alone)
 
     @property
     def is_prefill(self) -> bool:
@@ -211,7 +212,7 @@ class Scheduler:
                     continue
                 break
             if not seq.blocks.block_ids:
-                self.blocks.allocate_prompt(seq.blocks, seq.tokens)
+                self.blocks.allocate_prompt(seq.blocks, seq.tokens, lookup=not seq.wants_prompt_logprobs)
                 seq.num_computed = seq.blocks.num_cached_tokens
                 if not seq.output_ids:  # reported for the admission that produces the first token
                     seq.cached_prompt_tokens = seq.num_computed
@@ -258,6 +259,12 @@ class Scheduler:
         return True
 
     def _prefill_batch(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+        # a sequence that still needs prompt logprobs runs alone when its turn comes: its graph computes the logits
+        # of every position, so one row bounds that memory, and the graphs to one per chunk length
+        if seqs[0].wants_prompt_logprobs:
+            seqs = seqs[:1]
+        elif any(s.wants_prompt_logprobs for s in seqs):
+            seqs = [s for s in seqs if not s.wants_prompt_logprobs]
         longest = max(s.num_pending for s in seqs)
         max_rows_any = max(b for b, _ in self.prefill_shapes)
         # smallest chunk length that covers the longest prompt (or the largest there is), then enough rows
@@ -270,6 +277,8 @@ class Scheduler:
         budget = self.max_batched_tokens
         for seq in seqs[:n]:
             chunk = min(seq.num_pending, tokens, budget)
+            if chunk == tokens < seq.num_pending and seq.wants_prompt_logprobs:
+                chunk -= 1  # the token after the chunk goes in its padding: its last position's prompt logprob
             if chunk <= 0:
                 break
             try:
@@ -378,6 +387,7 @@ class Scheduler:
         batch.logprobs = any(seq.sampling.logprobs is not None for seq in batch.seqs)
         if batch.is_prefill:
             self._maybe_prefill = True
+            batch.prompt_logprobs = any(seq.wants_prompt_logprobs for seq in batch.seqs)
             self._plan_prefill(batch, previous)
         else:
             self._plan_decode(batch, previous)
@@ -389,7 +399,9 @@ class Scheduler:
             start = seq.planned_computed
             batch.positions.append(start)
             batch.counters.append(len(seq.output_ids) + seq.inflight_tokens)
-            batch.inputs.append(seq.tokens[start:start + length])
+            # a prompt-logprobs row's input also holds the token after its chunk, if any (worker.proto)
+            lookahead = int(length < batch.tokens and seq.wants_prompt_logprobs)
+            batch.inputs.append(seq.tokens[start:start + length + lookahead])
             batch.prev_rows.append(-1)
             samples = int(start + length == seq.planned_len)
             batch.new_tokens.append(samples)
@@ -438,11 +450,11 @@ class Scheduler:
             self._release(seq)
         return seq
 
-    def postprocess(self, batch: ScheduledBatch, sampled: np.ndarray,
-                    logprobs: np.ndarray | None = None) -> list[tuple[Sequence, Delta]]:
+    def postprocess(self, batch: ScheduledBatch, sampled: np.ndarray, logprobs: np.ndarray | None = None,
+                    prompt_logprobs: np.ndarray | None = None) -> list[tuple[Sequence, Delta]]:
         """Applies the oldest call's sampled tokens, (rows, num_steps), and their logprobs (rows, num_steps,
-        2 + 2 k) if the call asked; returns what to stream to whom. Sequences that finish leave the scheduler
-        (their blocks once no call in flight uses them)."""
+        2 + 2 k) and prompt logprobs (rows, tokens, 2 + 2 k) if the call asked; returns what to stream to whom.
+        Sequences that finish leave the scheduler (their blocks once no call in flight uses them)."""
         assert self.inflight and self.inflight[0] is batch, "results must be applied in the order of the calls"
         self.inflight.popleft()
         if batch.is_prefill:
@@ -468,6 +480,8 @@ class Scheduler:
             if seq.status is finished:  # finished or aborted while the call ran: results discarded
                 continue
             if prefill:
+                if prompt_logprobs is not None and seq.wants_prompt_logprobs:
+                    _add_prompt_logprobs(seq, batch.positions[i], prompt_logprobs[i, :batch.chunk_lens[i]])
                 seq.num_computed += batch.chunk_lens[i]
                 new = rows[i][:1] if batch.new_tokens[i] else []
             else:
@@ -477,6 +491,9 @@ class Scheduler:
                 wanted = seq.sampling.logprobs
                 delta = seq.append(new, None if wanted is None or sorted_logprobs is None
                                    else sorted_logprobs.row(i, new, wanted))
+                if prefill and len(seq.output_ids) == 1 and delta is not None \
+                        and seq.sampling.prompt_logprobs is not None:
+                    delta.prompt_logprobs = seq.prompt_logprobs  # once, with the first token
                 seq.num_computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
             # only K/V of calls that returned: a block is published once all its tokens were really written
             if seq.num_computed // block_size > seq.blocks.num_hashed_blocks:
@@ -516,3 +533,16 @@ class _SortedLogprobs:
         """Row i's logprobs for its sampled tokens, with the k most likely alternatives."""
         return [Logprob(token_id=t, logprob=c[0], rank=int(c[1]), top=list(zip(ids[:k], values[:k])))
                 for t, c, ids, values in zip(tokens, self.chosen[i], self.ids[i], self.values[i])]
+
+
+def _add_prompt_logprobs(seq: Sequence, start: int, raw: np.ndarray) -> None:
+    """Adds what a prefill chunk at `start` computed, (chunk_len, 2 + 2 K): position j's row is about prompt token
+    start + j + 1. Only tokens still missing are added (a chunk recomputed after a preemption repeats some), and
+    none past the prompt (the last position's row is about the token it samples)."""
+    first = len(seq.prompt_logprobs) + 1  # the prompt token whose logprob comes next
+    assert start + 1 <= first, "prompt logprobs of a chunk that skipped positions"
+    end = min(start + len(raw), len(seq.prompt_ids) - 1)  # last prompt token covered
+    if end < first:
+        return
+    rows = raw[first - start - 1:end - start][None]
+    seq.prompt_logprobs += _SortedLogprobs(rows).row(0, seq.prompt_ids[first:end + 1], seq.sampling.prompt_logprobs)

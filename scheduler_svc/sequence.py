@@ -56,6 +56,7 @@ class Sampling:
     logit_bias: tuple[tuple[int, ...], tuple[float, ...]] = ((), ())  # (ids, values)
     allowed_token_ids: tuple[int, ...] = ()  # empty: all
     logprobs: int | None = None  # top alternatives per new token (0: the chosen token's only); None: off
+    prompt_logprobs: int | None = None  # likewise per prompt token after the first (vLLM's prompt_logprobs)
 
     @functools.cached_property
     def row(self) -> bytes:
@@ -97,6 +98,7 @@ class Delta:
     stop_reason: str = ""
     logprobs: list[Logprob] | None = None  # one per token id, when the request asked
     index: int = 0  # the sample of the request (n > 1)
+    prompt_logprobs: list[Logprob] | None = None  # with the first token, when the request asked: prompt tokens 1..
 
 
 @dataclass(eq=False)  # identity semantics: sequences live in sets and lists
@@ -130,6 +132,9 @@ class Sequence:
     feed: tuple[int, int] | None = None  # (call index, row) of the call in flight that samples its newest token
     slot: int = 0  # the worker's sampling slot (penalty counts, logit bias) while running; 0: none
     slot_ready: bool = False  # a call that fills the slot was sent (and not discarded)
+    # prompt tokens 1, 2, ...'s logprobs received so far (sampling.prompt_logprobs): kept across a preemption, so
+    # a recompute adds only the ones still missing
+    prompt_logprobs: list[Logprob] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)  # prompt + output, what the KV cache must hold
@@ -166,6 +171,12 @@ class Sequence:
         """Tokens that must still go through the model before the next one can be sampled (after the calls in
         flight)."""
         return self.planned_len - self.planned_computed
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some are still missing: its prefill chunks need every position's
+        logits (and so it cannot take its prompt's blocks from the prefix cache)."""
+        return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
     @property
     def in_prefill(self) -> bool:

@@ -2,7 +2,8 @@
 (InvalidRequest) names the field; the server answers it with INVALID_ARGUMENT. Nothing else in the scheduler
 turns an exception into INVALID_ARGUMENT, so a bug elsewhere is never reported to a client as its own mistake.
 
-Defaults and ranges are vLLM's (SamplingParams), with vLLM's cap of 20 log-probabilities per token."""
+Defaults and ranges are vLLM's (SamplingParams), with vLLM's cap of 20 log-probabilities per token (logprobs and
+prompt_logprobs)."""
 from __future__ import annotations
 
 import math
@@ -93,7 +94,9 @@ def sampling(p: scheduler_pb2.SamplingParams, limits: ModelLimits) -> Sampling:
             raise InvalidRequest(f"logprobs must be at most {limits.max_logprobs}, got {p.logprobs}")
         s.logprobs = p.logprobs
     if p.HasField("prompt_logprobs"):
-        raise InvalidRequest("prompt_logprobs is not supported by this server yet")
+        if p.prompt_logprobs > limits.max_logprobs:
+            raise InvalidRequest(f"prompt_logprobs must be at most {limits.max_logprobs}, got {p.prompt_logprobs}")
+        s.prompt_logprobs = p.prompt_logprobs
     return s
 
 

@@ -101,7 +101,7 @@ async def test_seeded_penalised_run_is_reproducible_whatever_the_batch(aio_stub)
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3.0), "frequency_penalty"),
     (dict(logit_bias={10 ** 6: 1.0}), "logit_bias"), (dict(logit_bias={5: 101.0}), "logit_bias"),
     (dict(allowed_token_ids=[-1]), "allowed_token_ids"), (dict(logprobs=21), "logprobs"),
-    (dict(prompt_logprobs=1), "prompt_logprobs"), (dict(n=0), "n must"), (dict(n=65), "n must"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"), (dict(n=0), "n must"), (dict(n=65), "n must"),
     (dict(top_p=1.5), "top_p"),
 ])
 def test_new_fields_are_validated(stub, kw, field):
