@@ -75,12 +75,22 @@ def chat_logprobs(entries) -> dict:
     return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in entries]}
 
 
+def prompt_logprobs_json(entries) -> list[dict | None]:
+    """vLLM's prompt_logprobs: None for the first prompt token, then per prompt token a map from token id to its
+    logprob, rank and decoded_token, for the prompt token itself (first) and its top alternatives."""
+    def one(e) -> dict:
+        return {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.text}
+    return [None, *({str(e.token_id): one(e), **{str(t.token_id): one(t) for t in e.top if t.token_id != e.token_id}}
+                    for e in entries)]
+
+
 class Choice:
     """One sample's whole answer (a non-streamed request): its text, logprob entries and last message."""
 
     def __init__(self):
         self.parts: list[str] = []
         self.logprobs: list = []
+        self.prompt_logprobs: list = []  # sample 0's only: they are the request's
         self.last: scheduler_pb2.GenerateResponse | None = None
 
     @property
@@ -98,6 +108,7 @@ async def _collect(stream: RequestStream, http_request: Request) -> list[Choice]
             choice = choices[response.index]
             choice.parts.append(response.text)
             choice.logprobs.extend(response.logprobs)
+            choice.prompt_logprobs.extend(response.prompt_logprobs)
             if response.finish_reason:
                 choice.last = response
         if any(c.last is None for c in choices):
@@ -215,10 +226,12 @@ def create_app(frontend: Frontend, token: str = "") -> FastAPI:
                                              "finish_reason": finish}]}
             return _stream_response(stream, chunk, base, body.include_usage)
         choices = await _collect(stream, http_request)
+        prompt_logprobs = (prompt_logprobs_json(choices[0].prompt_logprobs) if body.prompt_logprobs is not None
+                           else None)  # every choice's, as vLLM's completions
         return JSONResponse({**base, "choices": [
             {"index": i, "text": c.text, "logprobs": completion_logprobs(c.logprobs, 0) if wants_logprobs else None,
-             "finish_reason": FINISH[c.last.finish_reason]} for i, c in enumerate(choices)],
-            "usage": _usage([c.last for c in choices])})
+             "finish_reason": FINISH[c.last.finish_reason], "prompt_logprobs": prompt_logprobs}
+            for i, c in enumerate(choices)], "usage": _usage([c.last for c in choices])})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http_request: Request) -> Response:
@@ -245,7 +258,10 @@ def create_app(frontend: Frontend, token: str = "") -> FastAPI:
             {"index": i, "message": {"role": "assistant", "content": c.text},
              "logprobs": chat_logprobs(c.logprobs) if wants_logprobs else None,
              "finish_reason": FINISH[c.last.finish_reason]} for i, c in enumerate(choices)],
-            "usage": _usage([c.last for c in choices])})
+            "usage": _usage([c.last for c in choices]),
+            # the request's, once, as vLLM's chat API
+            "prompt_logprobs": (prompt_logprobs_json(choices[0].prompt_logprobs) if body.prompt_logprobs is not None
+                                else None)})
 
     return app
 

@@ -2,7 +2,8 @@
 validator of its own: what the fields mean is checked once, in scheduler_svc.validation.
 
 `n` and `logprobs` (completions: the number of alternatives; chat: `logprobs` and `top_logprobs`) map onto the
-gRPC fields of the same meaning. Fields OpenAI defines that the HTTP API does not honour (echo, suffix, best_of,
+gRPC fields of the same meaning, as does vLLM's `prompt_logprobs` (refused with `stream: true` when above 0, as
+vLLM refuses it). Fields OpenAI defines that the HTTP API does not honour (echo, suffix, best_of,
 tools) are refused with a 400 that names them, rather than silently ignored; fields it does not know are ignored,
 as vLLM does, so clients that send extras keep working."""
 from __future__ import annotations
@@ -45,6 +46,7 @@ class _SamplingRequest(BaseModel):
     min_p: float | None = None  # vLLM's extension
     allowed_token_ids: list[int] | None = None  # vLLM's extension
     priority: int | None = None  # vLLM's extension
+    prompt_logprobs: int | None = None  # vLLM's extension: alternatives per prompt token (not streamed)
     user: str | None = None
 
     def _check_supported(self) -> None:
@@ -91,6 +93,12 @@ class _SamplingRequest(BaseModel):
             if top < 0:
                 raise Unsupported("logprobs must be >= 0")
             p.logprobs = min(top, 2**32 - 1)  # at most 20, likewise
+        if self.prompt_logprobs is not None:
+            if self.prompt_logprobs < 0:
+                raise Unsupported("prompt_logprobs must be >= 0 (-1, the whole vocabulary, is not supported)")
+            if self.stream and self.prompt_logprobs > 0:
+                raise Unsupported("prompt_logprobs are not available with stream: true")
+            p.prompt_logprobs = min(self.prompt_logprobs, 2**32 - 1)  # at most 20, likewise
         return p
 
     def logprobs_wanted(self) -> int | None:

@@ -207,6 +207,34 @@ def test_n_choices_and_logprobs_are_the_grpc_ones(client, stub, model):
     assert chunks[-1].usage.completion_tokens == 10
 
 
+def test_prompt_logprobs_are_the_grpc_ones(client, stub, model):
+    """vLLM's prompt_logprobs extension: completions (per choice) and chat (once per response) carry what the gRPC
+    API streams, as vLLM's maps (None for the first prompt token); refused when streamed or above 20."""
+    ids = [1] + [(13 * i) % 370 + 15 for i in range(29)]  # 30 tokens: the 1x64 bucket's prompt-logprobs graph
+    req = pb.GenerateRequest(params=pb.SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))
+    req.prompt_token_ids.ids.extend(ids)
+    want = list(stub.Generate(req))[0].prompt_logprobs
+    r = client.completions.create(model=model, prompt=ids, max_tokens=2, temperature=0,
+                                  extra_body={"prompt_logprobs": 3})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids) == len(want) + 1
+    for entry, e in zip(plp[1:], want):
+        assert entry[str(e.token_id)] == {"logprob": pytest.approx(e.logprob), "rank": e.rank, "decoded_token": e.text}
+        assert {int(k) for k in entry} == {e.token_id, *(t.token_id for t in e.top)}
+        assert [entry[str(t.token_id)]["rank"] for t in e.top if t.token_id != e.token_id] == \
+            [t.rank for t in e.top if t.token_id != e.token_id]
+    chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=2, temperature=0,
+                                          extra_body={"prompt_logprobs": 0})
+    plp = chat.model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == chat.usage.prompt_tokens and all(len(d) == 1 for d in plp[1:])
+    assert client.completions.create(model=model, prompt=ids, max_tokens=1).choices[0].model_extra.get(
+        "prompt_logprobs") is None
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model=model, prompt=ids, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 2})
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model=model, prompt=ids, max_tokens=2, extra_body={"prompt_logprobs": 21})
+
+
 def test_raw_server_sent_events(http_url, model):
     body = {"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{http_url}/v1/completions", json=body, timeout=60) as r:
