@@ -124,4 +124,21 @@ def measure(engine: WorkerEngine, context: int = 256, repeats: int = 5) -> dict:
         t = median_seconds(runner, real_batch(runner, rows, tokens, tokens), repeats)
         out["prefill"].append(dict(rows=rows, tokens=tokens, ms=t * 1e3, tok_s=rows * tokens / t,
                                    kernels=runner.kernels_per_step(rows, tokens, filters=False)))
+        if rows == 1:  # a request with prompt logprobs runs its chunks alone: its graph, captured on first use
+            out["prefill"][-1].update(prompt_logprobs(runner, tokens, repeats))
     return out
+
+
+def prompt_logprobs(runner: ModelRunner, tokens: int, repeats: int) -> dict:
+    """The 1-row prefill bucket's prompt-logprobs graph: its capture (what the first such request waits for) and
+    its call time against the full-sampling graph's (the plain graph's is `ms`)."""
+    batch = real_batch(runner, 1, tokens, tokens)
+    batch.logprobs = True  # the full-sampling graph, which the prompt-logprobs graph extends
+    full = median_seconds(runner, batch, repeats)
+    batch.prompt_logprobs = True
+    t0 = time.perf_counter()
+    runner.execute(batch)
+    capture = time.perf_counter() - t0
+    t = median_seconds(runner, batch, repeats)
+    return dict(ms_full_sampling=full * 1e3, ms_prompt_logprobs=t * 1e3, prompt_logprobs_capture_s=capture,
+                kernels_prompt_logprobs=runner.kernels_per_step(1, tokens, True, prompt_logprobs=True))

@@ -477,9 +477,10 @@ class ModelRunner:
         """The captured graph of every (rows, tokens, filters) variant; None where not yet captured."""
         return {key: jit.captured for key, jit in self._jits.items()}
 
-    def kernels_per_step(self, rows: int, tokens: int, filters: bool) -> int:
+    def kernels_per_step(self, rows: int, tokens: int, filters: bool, prompt_logprobs: bool = False) -> int:
         """Kernels one replay launches (members of a device graph counted one by one)."""
-        calls = without_device_graphs(self._jits[(rows, tokens, filters)].captured._linear).src
+        jit = self._prompt_jits[(rows, tokens)] if prompt_logprobs else self._jits[(rows, tokens, filters)]
+        calls = without_device_graphs(jit.captured._linear).src
         return sum(1 for call in calls if call.src[0].op is Ops.PROGRAM)
 
     def warm_up(self, progress: bool = True) -> None:
