@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tinygrad import Tensor, UOp
+from tinygrad import Tensor, UOp, dtypes
 
 from shared.demo_checkpoint import build_checkpoint
 from tests.models import build_model
@@ -111,3 +111,19 @@ def test_row_sum_of_squares_and_materialized_norm_match_numpy():
     for materialize in (False, True):
         got = rms_norm(Tensor(x), Tensor(w), 1e-5, materialize=materialize).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_project_matches_numpy():
+    """`norm_project` (RMSNorm and the matrix-vector product in one kernel, below 16 rows) in fp32 and fp16."""
+    from worker_svc.model import norm_project
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 96)).astype(np.float32) * 3
+    g, w = rng.standard_normal(96).astype(np.float32), rng.standard_normal((40, 96)).astype(np.float32)
+    want = (x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * g) @ w.T
+    got = norm_project(Tensor(x), Tensor(g), Tensor(w), 1e-5).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    g16, w16 = g.astype(np.float16), w.astype(np.float16)
+    got16 = norm_project(Tensor(x[:1]), Tensor(g16), Tensor(w16), 1e-5)
+    assert got16.dtype == dtypes.float16
+    np.testing.assert_allclose(got16.numpy().astype(np.float32), want[:1], rtol=2e-2, atol=2e-2)

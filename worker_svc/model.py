@@ -55,6 +55,34 @@ def sum_squares(x: Tensor) -> Tensor:
     return out.reshape(*lead, 1)
 
 
+def _norm_project_kernel(out: UOp, x: UOp, g: UOp, w: UOp, eps: float) -> UOp:
+    """out[r, n] = inv_rms(x[r]) * sum over k of x[r, k] g[k] w[n, k]: rms_norm(x) @ w.T with the row's scale
+    applied after the sum (equal up to rounding). Both of the kernel's reductions (the row's sum of squares and the
+    product) run over the same range k, so tinygrad's optimisations (GROUP lanes on k, rows per workgroup) apply to
+    both alike, and every workgroup computes its row's scale for itself: a few dozen loads from cache instead of a
+    kernel. (Scaling inside the product's sum, a reduction of a reduction over one range, sends tinygrad 0.14's
+    rewrite into an endless loop.)"""
+    rows, K = x.shape
+    N = w.shape[0]
+    r, n, k = UOp.range(rows, 0), UOp.range(N, 1), UOp.range(K, 2, AxisType.REDUCE)
+    xv = x[r, k]
+    dot = (xv * g[k].cast(dtypes.float) * w[n, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
+    inv_rms = ((xv * xv).reduce(k, arg=Ops.ADD) * (1.0 / K) + eps).rsqrt()
+    return out[r, n].store((dot * inv_rms).cast(out.dtype)).end(r, n).sink(arg=KernelInfo(name=f"norm_project_{N}_{K}"))
+
+
+def norm_project(x: Tensor, norm_weight: Tensor, w: Tensor, eps: float) -> Tensor:
+    """rms_norm(x, norm_weight) @ w.T in one kernel, for matrix-vector work (fewer than 16 rows): without it each
+    of the 45 norms of a TinyLlama batch-1 step was a kernel of its own (`r_16_128`), launch-bound. x (..., K) in
+    float32; the result (..., N) in w's dtype. Its launch shape comes from the tuning table like any kernel's."""
+    *lead, K = x.shape
+    rows = math.prod(lead)
+    out = Tensor.empty(rows, w.shape[0], dtype=w.dtype, device=x.device)
+    out = out.custom_kernel(x.reshape(rows, K), norm_weight, w,
+                            fxn=functools.partial(_norm_project_kernel, eps=eps))[0]
+    return out.reshape(*lead, w.shape[0])
+
+
 def project(x: Tensor, w: Tensor, split: int = 1) -> Tensor:
     """x (..., K) @ w.T for a weight w (N, K): fp16 inputs, fp32 accumulation, result in x's dtype.
 
@@ -99,7 +127,8 @@ class LlamaModel:
 
     def hidden_states(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
                       num_blocks: UOp | int) -> Tensor:
-        """tokens, positions, slots: (B, T) int32; block_tables: (B, W) int32. Returns normed hidden (B, T, D)."""
+        """tokens, positions, slots: (B, T) int32; block_tables: (B, W) int32. Returns the residual stream (B, T, D) in
+        float32, before the final norm (`logits` applies it to the rows it keeps)."""
         cfg, w = self.config, self.weights
         B, T = tokens.shape
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -126,18 +155,21 @@ class LlamaModel:
         def proj(h: Tensor, weight: Tensor) -> Tensor:
             return project(h, weight, self.split_k(B * T, weight.shape[1], weight.shape[0]))
 
+        def norm_proj(x: Tensor, norm_weight: Tensor, weight: Tensor) -> Tensor:
+            if many:
+                return proj(rms_norm(x, norm_weight, cfg.rms_norm_eps, materialize=True), weight)
+            return norm_project(x, norm_weight, weight, cfg.rms_norm_eps)
+
         for i, layer in enumerate(w.layers):
-            h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps, materialize=many)
-            qkv = proj(h, layer.wqkv)
+            qkv = norm_proj(x, layer.attn_norm, layer.wqkv)
             pool = self.cache.write(i, qkv.reshape(B * T, -1), q_dim, self.rope_cos, self.rope_sin, flat_positions,
                                     flat_slots)
             attn = attention(qkv, pool)  # (B, T, q_dim) in the weights' dtype, ready for the output projection
             x = x + proj(attn, layer.wo).float()
 
-            h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps, materialize=many)
-            gate, up = proj(h, layer.w_gate_up).chunk(2, dim=-1)
+            gate, up = norm_proj(x, layer.mlp_norm, layer.w_gate_up).chunk(2, dim=-1)
             x = x + proj(dense(gate.silu() * up), layer.w_down).float()
-        return rms_norm(x, w.norm, cfg.rms_norm_eps, materialize=many)
+        return x
 
     def logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
                num_blocks: UOp | int, last_index: Tensor | None = None) -> Tensor:
@@ -145,16 +177,22 @@ class LlamaModel:
         return self.last_logits(self.hidden_states(tokens, positions, slots, block_tables, num_blocks), last_index)
 
     def last_logits(self, hidden: Tensor, last_index: Tensor | None = None) -> Tensor:
-        """fp32 logits (B, V) of the normed hidden states (B, T, D) at `last_index` (B,), or T == 1's only one."""
+        """fp32 logits (B, V) of the residual stream (B, T, D) at `last_index` (B,), or T == 1's only one. The rows
+        are picked before the final norm, which then runs on B rows, not B * T."""
         B, T, D = hidden.shape
         if T == 1:
             last = hidden.reshape(B, D)
         else:
             assert last_index is not None
             pick = Tensor.arange(T).reshape(1, T) == last_index.reshape(B, 1)
-            last = pick.reshape(B, T, 1).where(hidden, 0).sum(1).cast(hidden.dtype)
-        return (last @ self.weights.lm_head.T).float()
+            last = pick.reshape(B, T, 1).where(hidden, 0).sum(1)
+        w, eps = self.weights, self.config.rms_norm_eps
+        if B < 16:
+            return norm_project(last, w.norm, w.lm_head, eps).float()
+        return (rms_norm(last, w.norm, eps, materialize=True) @ w.lm_head.T).float()
 
     def all_logits(self, hidden: Tensor) -> Tensor:
-        """fp32 logits (B, T, V) of every position of the normed hidden states (B, T, D): what prompt logprobs read."""
-        return (hidden @ self.weights.lm_head.T).float()
+        """fp32 logits (B, T, V) of every position of the residual stream (B, T, D): what prompt logprobs read."""
+        B, T, D = hidden.shape
+        normed = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps, materialize=B * T >= 16)
+        return (normed @ self.weights.lm_head.T).float()
