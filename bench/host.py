@@ -21,11 +21,14 @@ DECODE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 def measure(tokenizer_model: bytes, running: int, steps: int = 300, prompt_len: int = 100, vocab: int = 0,
-            extras: bool = False) -> dict:
+            extras: bool = False, stream_interval: int = 0) -> dict:
     """p50/p99 host milliseconds per decode step with `running` sequences decoding. extras: every sequence asks
-    for penalties and 5 logprobs (the request carries the extra arrays, the response the logprobs)."""
+    for penalties and 5 logprobs (the request carries the extra arrays, the response the logprobs).
+    stream_interval: the scheduler's (0: its default, by load), which decides how many streams get a message at
+    each step."""
     from scheduler_svc.block_manager import BlockManager
     from scheduler_svc.engine import encode_batch
+    from scheduler_svc.frontend import response_message
     from scheduler_svc.scheduler import Scheduler
     from scheduler_svc.sequence import Sampling, Sequence
     from scheduler_svc.tokenizer import IncrementalDetokenizer, SentencePieceTokenizer
@@ -39,7 +42,7 @@ def measure(tokenizer_model: bytes, running: int, steps: int = 300, prompt_len: 
     block_size, width = 16, 128
     blocks = BlockManager(num_blocks=running * (prompt_len + steps + 64) // block_size + 8, block_size=block_size)
     sched = Scheduler(blocks, DECODE_BUCKETS, [(16, 128)], max_steps=1, stream_steps=1, join_steps=1, max_inflight=1,
-                      num_slots=257)
+                      num_slots=257, stream_interval=stream_interval)
     rng = np.random.default_rng(0)
     for i in range(running):
         prompt = rng.choice(ordinary, prompt_len).tolist()
@@ -52,7 +55,7 @@ def measure(tokenizer_model: bytes, running: int, steps: int = 300, prompt_len: 
     def step() -> tuple[bool, float, float]:
         t0, c0 = time.perf_counter(), time.thread_time()
         batch = sched.schedule()
-        data = encode_batch(batch, width, "bench").SerializeToString()
+        data = encode_batch(batch, width, "bench")
         assert data
         sampled = rng.choice(ordinary, (batch.rows, batch.num_steps)).astype(np.int32)
         lp = None
@@ -66,24 +69,21 @@ def measure(tokenizer_model: bytes, running: int, steps: int = 300, prompt_len: 
         sampled = np.frombuffer(response.token_ids, np.int32).reshape(batch.rows, batch.num_steps)
         logprobs = (np.frombuffer(response.logprobs, np.float32).reshape(batch.rows, batch.num_steps, -1)
                     if response.logprobs else None)
-        for seq, delta in sched.postprocess(batch, sampled, logprobs):
-            msg = scheduler_pb2.GenerateResponse(request_id=seq.request_id, token_ids=delta.token_ids,
-                                                 text=delta.text, finish_reason=int(delta.finish))
-            if delta.logprobs:
-                for lp_ in delta.logprobs:
-                    entry = msg.logprobs.add(token_id=lp_.token_id, logprob=lp_.logprob, rank=lp_.rank,
-                                             text=tok.texts[lp_.token_id])
-                    for r, (t, v) in enumerate(lp_.top, 1):
-                        entry.top.add(token_id=t, logprob=v, rank=r, text=tok.texts[t])
-            msg.SerializeToString()
-        return batch.is_prefill, time.perf_counter() - t0, time.thread_time() - c0
+        messages = 0
+        for seq, delta in sched.postprocess(batch, sampled, logprobs):  # what the streams are sent now
+            response_message(seq, delta, tok.texts).SerializeToString()
+            messages += 1
+        return batch.is_prefill, time.perf_counter() - t0, time.thread_time() - c0, messages
 
     while step()[0]:  # prefill every prompt first
         pass
-    times, cpu = (np.array(t) * 1e3 for t in zip(*[step()[1:] for _ in range(steps)]))
+    for _ in range(8):  # and stream the first tokens
+        step()
+    times, cpu, messages = (np.array(t) for t in zip(*[step()[1:] for _ in range(steps)]))
+    times, cpu = times * 1e3, cpu * 1e3
     return dict(running=running, extras=extras, steps=steps, p50_ms=float(np.percentile(times, 50)),
                 p99_ms=float(np.percentile(times, 99)), mean_ms=float(times.mean()),
-                cpu_p50_ms=float(np.percentile(cpu, 50)))
+                cpu_p50_ms=float(np.percentile(cpu, 50)), messages_per_step=float(messages.mean()))
 
 
 # ---- the serving path: the same host work plus the event loop, the worker's gRPC and streaming to clients ----

@@ -7,6 +7,7 @@ import asyncio
 import signal
 
 from scheduler_svc.engine import STREAM_BUFFER, WORKER_TIMEOUT_S, Engine
+from scheduler_svc.scheduler import MAX_STREAM_INTERVAL, STREAM_ROWS
 from scheduler_svc.frontend import Frontend, Limits
 from scheduler_svc.server import drain, serve
 from scheduler_svc.security import TOKEN_ENV, resolve_token, server_credentials
@@ -25,7 +26,7 @@ async def run(args: argparse.Namespace) -> None:
     credentials, token = server_credentials(args.tls_cert, args.tls_key), resolve_token(args.api_token)
     engine = Engine(args.worker, secret=resolve_secret(args.worker_secret), worker_timeout_s=args.worker_timeout,
                     stream_buffer=args.max_stream_buffer, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens)
+                    max_num_batched_tokens=args.max_num_batched_tokens, stream_interval=args.stream_interval)
     await engine.start(connect_timeout_s=args.connect_timeout)
     limits = Limits(max_request_mb=args.max_request_mb, max_waiting=args.max_waiting, max_streams=args.max_streams)
     frontend = Frontend(engine, limits)
@@ -77,6 +78,10 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="tokens one worker call may compute (prefill chunks summed, one per decode row); default: "
                          "the largest prefill bucket's rows x tokens")
+    ap.add_argument("--stream-interval", type=int, default=0,
+                    help="tokens per stream message (vLLM's --stream-interval; first and last tokens go at once); "
+                         f"0 (default): by load, every token up to {STREAM_ROWS} running sequences, then fewer, at "
+                         f"most {MAX_STREAM_INTERVAL}")
     ap.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve the gRPC API over TLS")
     ap.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     ap.add_argument("--api-token", default=None,

@@ -147,6 +147,32 @@ def merge_deltas(deltas: list[Delta]) -> list[Delta]:
     return list(merged.values())
 
 
+def response_message(seq: Sequence, delta: Delta, texts) -> scheduler_pb2.GenerateResponse:
+    """The message that streams one delta of `seq` (its totals with the last); texts: token id -> text, for
+    logprob entries (Tokenizer.texts)."""
+    response = scheduler_pb2.GenerateResponse(
+        request_id=seq.request_id, token_ids=delta.token_ids, text=delta.text,
+        finish_reason=int(delta.finish), index=delta.index)
+    if delta.logprobs is not None:
+        _add_logprobs(response.logprobs, delta.logprobs, texts)
+    if delta.prompt_logprobs is not None:
+        _add_logprobs(response.prompt_logprobs, delta.prompt_logprobs, texts)
+    if delta.finish:
+        response.prompt_tokens = len(seq.prompt_ids)
+        response.completion_tokens = len(seq.output_ids)
+        response.stop_reason = delta.stop_reason
+        response.cached_prompt_tokens = seq.cached_prompt_tokens
+    return response
+
+
+def _add_logprobs(entries, logprobs, texts) -> None:
+    """Logprob entries (sampled or prompt tokens) as TokenLogprobs messages, each token with its text."""
+    for lp in logprobs:
+        entry = entries.add(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank, text=texts[lp.token_id])
+        for rank, (token_id, value) in enumerate(lp.top, 1):
+            entry.top.add(token_id=token_id, logprob=value, rank=rank, text=texts[token_id])
+
+
 class RequestStream:
     """One admitted request's responses (its n samples share one outbox; each message names its sample's index).
     close() (also at the end of iteration) aborts what has not finished (the client went away), and accounts for
@@ -177,32 +203,9 @@ class RequestStream:
             self.close()
 
     def _response(self, delta: Delta) -> scheduler_pb2.GenerateResponse:
-        """The message that streams one delta (its sample's totals with the last)."""
-        seq = self.seqs[delta.index]
         if delta.token_ids and self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        done = delta.finish != 0
-        response = scheduler_pb2.GenerateResponse(
-            request_id=seq.request_id, token_ids=delta.token_ids, text=delta.text,
-            finish_reason=int(delta.finish), index=delta.index)
-        if delta.logprobs is not None:
-            self._add_logprobs(response.logprobs, delta.logprobs)
-        if delta.prompt_logprobs is not None:
-            self._add_logprobs(response.prompt_logprobs, delta.prompt_logprobs)
-        if done:
-            response.prompt_tokens = len(seq.prompt_ids)
-            response.completion_tokens = len(seq.output_ids)
-            response.stop_reason = delta.stop_reason
-            response.cached_prompt_tokens = seq.cached_prompt_tokens
-        return response
-
-    def _add_logprobs(self, entries, logprobs) -> None:
-        """Logprob entries (sampled or prompt tokens) as TokenLogprobs messages, each token with its text."""
-        texts = self.frontend.engine.tokenizer.texts
-        for lp in logprobs:
-            entry = entries.add(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank, text=texts[lp.token_id])
-            for rank, (token_id, value) in enumerate(lp.top, 1):
-                entry.top.add(token_id=token_id, logprob=value, rank=rank, text=texts[token_id])
+        return response_message(self.seqs[delta.index], delta, self.frontend.engine.tokenizer.texts)
 
     def close(self) -> None:
         if self.closed:

@@ -21,11 +21,12 @@ import bisect
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
 
 from scheduler_svc.block_manager import BlockManager, NoFreeBlocks
-from scheduler_svc.sequence import Delta, Logprob, Sequence, Status
+from scheduler_svc.sequence import Counters, Delta, Logprob, Sequence, Status
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,17 @@ STREAM_STEPS = 2
 # shorten calls: they join when a sequence finishes, and one-step calls under saturation would only add overhead.
 JOIN_STEPS = 1
 ARRIVING_CALLS = 4
+# Streaming: a stream gets its new tokens every `stream_interval` tokens (vLLM's --stream-interval), its first and
+# its last at once. Each message costs the scheduler process about 100 us of CPU on the 2-core CI machine (most of
+# it in grpc.aio), so the default (0) chooses by load: every token while up to STREAM_ROWS sequences run, then
+# every ceil(running / STREAM_ROWS) tokens (about STREAM_ROWS messages per step), never fewer than one message
+# every MAX_STREAM_INTERVAL tokens (issue 7: clients receive tokens at least every 4 steps). The sequences'
+# messages are staggered (each counts from its own phase), so each step sends about the same number.
+STREAM_ROWS = 64
+MAX_STREAM_INTERVAL = 4
+
+_ROW, _TOKENS, _BLOCK_IDS = attrgetter("row"), attrgetter("tokens"), attrgetter("blocks.block_ids")
+_HASHED = attrgetter("blocks.num_hashed_blocks")
 
 
 @dataclass
@@ -65,6 +77,9 @@ class ScheduledBatch:
     slot_inits: list[Sequence] = field(default_factory=list)  # sequences whose slot this call fills first
     logprobs: bool = False  # some row wants its tokens' logprobs
     prompt_logprobs: bool = False  # a prefill row wants its chunk's prompt logprobs (it runs alone)
+    # a decode call's sequences as rows of the scheduler's Counters, and their token counts when it was planned
+    row_ids: np.ndarray | None = None
+    num_tokens: np.ndarray | None = None
 
     @property
     def is_prefill(self) -> bool:
@@ -79,8 +94,12 @@ class Scheduler:
     def __init__(self, blocks: BlockManager, decode_batch_sizes: list[int], prefill_shapes: list[tuple[int, int]],
                  max_steps: int, max_inflight: int = PIPELINE_DEPTH, stream_steps: int = STREAM_STEPS,
                  join_steps: int = JOIN_STEPS, call_base: int = 0, num_slots: int | None = None,
-                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None):
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                 stream_interval: int = 0):
         self.blocks = blocks
+        # tokens per stream message, 0: by load (STREAM_ROWS); at most MAX_STREAM_INTERVAL
+        self.stream_interval = min(stream_interval, MAX_STREAM_INTERVAL)
+        self.counters = Counters()  # the per-sequence counters every step updates, as arrays
         self.decode_batch_sizes = sorted(decode_batch_sizes)
         # per-call budgets (vLLM's flags): sequences running at once, and tokens one call may compute
         self.max_running = min(max_num_seqs or self.decode_batch_sizes[-1], self.decode_batch_sizes[-1])
@@ -109,12 +128,14 @@ class Scheduler:
         self._draining: set[Sequence] = set()
         self.call_base = call_base  # call indices are call_base + 1, + 2, ...: distinct per scheduler session
         self.num_preemptions = 0
+        self._finished_inflight: set[Sequence] = set()  # finished while a call in flight had a row for them
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
+        self.counters.adopt(seq)
         self._enqueue(seq)
         self._calls_since_arrival = 0
 
@@ -134,14 +155,24 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Takes a sequence out (finished or aborted); its blocks are returned now, or when the last call in
-        flight that uses them returns (`_settle_row`): until then the worker may still write them."""
+        flight that uses them returns (`_let_go`): until then the worker may still write them."""
+        if seq.status is Status.FINISHED:
+            return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
-        if not seq.inflight_calls:
-            self._release(seq)
+        if seq.inflight_calls:
+            self._finished_inflight.add(seq)
+        else:
+            self._let_go(seq)
+
+    def _let_go(self, seq: Sequence) -> None:
+        """A finished sequence that no call in flight uses: its blocks, slot and counters' row are given back."""
+        self._release(seq)
+        self._finished_inflight.discard(seq)
+        self.counters.drop(seq)
 
     # ---- policy -------------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
@@ -153,14 +184,16 @@ class Scheduler:
             return None
         for _ in range(len(self.running) + len(self.waiting) + 1):
             self._admit()
-            prefill = [s for s in self.running if s.in_prefill] if self._maybe_prefill else None
+            prefill = None
+            if self._maybe_prefill and self.running:
+                running = self.running
+                prefill = [running[i] for i in np.flatnonzero(self._progress(running)[3] > 1).tolist()]
             self._maybe_prefill = bool(prefill)
             if prefill and self._draining:
                 prefill = [s for s in prefill if s not in self._draining]
             batch = self._prefill_batch(prefill) if prefill else None
             if batch is None:
-                decode, longest = self._decode_candidates()
-                batch = self._decode_batch(decode, longest) if decode else None
+                batch = self._decode_batch()
             if batch is not None:
                 self._launch(batch)
                 return batch
@@ -168,21 +201,14 @@ class Scheduler:
                 return None
         return None
 
-    def _decode_candidates(self) -> tuple[list[Sequence], int]:
-        """Running sequences with exactly their newest token pending and tokens left to plan for, and the most
-        tokens any of them may still get (Sequence.num_pending and remaining_to_schedule, inlined: this runs
-        over every running sequence at every step)."""
-        decode, longest = [], 0
-        draining = self._draining
-        for s in self.running:
-            if draining and s in draining:
-                continue  # to be preempted once its calls return
-            if len(s.tokens) + s.inflight_tokens - s.num_computed - s.inflight_computed == 1:
-                left = s.max_new_tokens - len(s.output_ids) - s.inflight_tokens
-                if left > 0:
-                    decode.append(s)
-                    longest = max(longest, left)
-        return decode, longest
+    def _progress(self, seqs: list[Sequence]) -> tuple[np.ndarray, ...]:
+        """Counters rows, token counts, tokens in flight and tokens pending (Sequence.num_pending) of `seqs`, as
+        arrays: this runs over every running sequence at every step."""
+        c, n = self.counters, len(seqs)
+        rows = np.fromiter(map(_ROW, seqs), np.int64, n)
+        num_tokens = np.fromiter(map(len, map(_TOKENS, seqs)), np.int64, n)
+        inflight = c.inflight_tokens[rows]
+        return rows, num_tokens, inflight, num_tokens + inflight - c.num_computed[rows] - c.inflight_computed[rows]
 
     def _call_steps(self) -> int:
         """Steps of the next decode call: join_steps while requests are arriving or an admitted one still waits
@@ -293,28 +319,63 @@ class Scheduler:
             return None
         return ScheduledBatch(chosen, rows, tokens, lens)
 
-    def _decode_batch(self, seqs: list[Sequence], longest: int) -> ScheduledBatch | None:
-        """Oldest first, every decoding sequence gets blocks for the call's steps. When blocks run out, the
-        youngest sequence not yet in this batch (and in no call in flight) is preempted, or, if there is none,
-        the sequence itself: a sequence already placed in the batch is never preempted (it would run with no
-        blocks). A sequence that a call in flight still uses is left out of this call instead (its blocks are
-        being written); once that call returns it can be preempted like any other."""
+    def _decode_batch(self) -> ScheduledBatch | None:
+        """One decode call of every running sequence with exactly its newest token pending and tokens left to plan
+        for, each given blocks for the call's steps. Vectorized over the sequences; when blocks run out, the
+        sequential `_grow_in_order` decides who is preempted."""
+        seqs = list(self.running)  # the call's own list: the running list changes while it is in flight
+        if self._draining:
+            seqs = [s for s in seqs if s not in self._draining]  # to be preempted once their calls return
+        if not seqs:
+            return None
+        c = self.counters
+        rows, num_tokens, inflight, pending = self._progress(seqs)
+        left = c.max_new[rows] - (num_tokens - c.num_prompt[rows]) - inflight  # tokens no call plans for yet
+        chosen = (pending == 1) & (left > 0)
+        if not chosen.all():
+            index = np.flatnonzero(chosen)
+            seqs = [seqs[i] for i in index.tolist()]
+            rows, num_tokens, inflight, left = rows[index], num_tokens[index], inflight[index], left[index]
+        if not seqs:
+            return None
+        if len(seqs) > self.max_batched_tokens:
+            cut = self.max_batched_tokens
+            seqs, rows, num_tokens, inflight, left = seqs[:cut], rows[:cut], num_tokens[:cut], inflight[:cut], left[:cut]
         # run as many steps as the longest-lived row can use; rows that finish early discard the rest
-        steps = max(1, min(self._call_steps(), longest))
+        steps = max(1, min(self._call_steps(), int(left.max())))
+        # positions written: planned_len - 1 ... planned_len + steps - 2, within the sequence's limit
+        need = np.minimum(num_tokens + inflight + steps - 1, c.max_length[rows])
+        block_size = self.blocks.block_size
+        short = -(-need // block_size) - np.fromiter(map(len, map(_BLOCK_IDS, seqs)), np.int64, len(seqs))
+        grow = np.flatnonzero(short > 0)
+        if grow.size:  # rows entering a new block (one in block_size per step)
+            if int(short[grow].sum()) <= self.blocks.num_free:
+                for i in grow.tolist():
+                    self.blocks.grow(seqs[i].blocks, int(need[i]))
+            else:  # not enough for all: oldest first, preempting the youngest
+                ready = self._grow_in_order(seqs, need.tolist())
+                if not ready:
+                    return None
+                if len(ready) < len(seqs):
+                    seqs = ready
+                    rows, num_tokens = self._progress(seqs)[:2]
+        rows_bucket = next(b for b in self.decode_batch_sizes if b >= len(seqs))
+        batch = ScheduledBatch(seqs, rows_bucket, 1, [1] * len(seqs), num_steps=steps)
+        batch.row_ids, batch.num_tokens = rows, num_tokens
+        return batch
+
+    def _grow_in_order(self, seqs: list[Sequence], need: list[int]) -> list[Sequence]:
+        """Oldest first, every sequence gets blocks for `need` positions. When blocks run out, the youngest
+        sequence not yet given them (and in no call in flight) is preempted, or, if there is none, the sequence
+        itself: a sequence already given its blocks is never preempted (it would run with no blocks). A sequence
+        that a call in flight still uses is left out of this call instead (its blocks are being written); once
+        that call returns it can be preempted like any other. Returns the sequences that have their blocks."""
         ready: list[Sequence] = []
-        block_size, running = self.blocks.block_size, Status.RUNNING
-        for seq in seqs:
-            if len(ready) >= self.max_batched_tokens:
-                break
-            if seq.status is not running:
+        for seq, n in zip(seqs, need):
+            if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an older one
-            # positions written: planned_len - 1 ... planned_len + steps - 2, within the sequence's limit
-            need = min(len(seq.tokens) + seq.inflight_tokens + steps - 1, seq.max_length)
-            if -(-need // block_size) <= len(seq.blocks.block_ids):  # the common case: its blocks suffice
-                ready.append(seq)
-                continue
             placed = True
-            while not self.blocks.can_grow(seq.blocks, need):
+            while not self.blocks.can_grow(seq.blocks, n):
                 if not self._preempt_youngest(spare=[*ready, seq]):
                     if seq.inflight_calls:
                         placed = False
@@ -323,12 +384,9 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING or not placed:
                 continue
-            self.blocks.grow(seq.blocks, need)
+            self.blocks.grow(seq.blocks, n)
             ready.append(seq)
-        if not ready:
-            return None
-        rows = next(b for b in self.decode_batch_sizes if b >= len(ready))
-        return ScheduledBatch(ready, rows, 1, [1] * len(ready), num_steps=steps)
+        return ready
 
     def _preempt_youngest(self, spare: list[Sequence] = ()) -> bool:
         """Frees blocks: first the prefix-cache references a waiting sequence holds, then the blocks of the running
@@ -380,16 +438,24 @@ class Scheduler:
         batch.call_index = index = self.call_base + self.num_calls
         previous = self.inflight[-1] if self.inflight else None
         batch.previous_call = previous.call_index if previous else 0
-        for seq in batch.seqs:
-            if seq.slot and not seq.slot_ready:
-                batch.slot_inits.append(seq)
-                seq.slot_ready = True
-        batch.logprobs = any(seq.sampling.logprobs is not None for seq in batch.seqs)
         if batch.is_prefill:
             self._maybe_prefill = True
+            for seq in batch.seqs:
+                if seq.slot and not seq.slot_ready:
+                    batch.slot_inits.append(seq)
+                    seq.slot_ready = True
+            batch.logprobs = any(seq.sampling.logprobs is not None for seq in batch.seqs)
             batch.prompt_logprobs = any(seq.wants_prompt_logprobs for seq in batch.seqs)
             self._plan_prefill(batch, previous)
         else:
+            c, rows = self.counters, batch.row_ids
+            slots = c.slot[rows]
+            if slots.any():
+                first = np.flatnonzero((slots > 0) & (c.slot_ready[rows] == 0))
+                batch.slot_inits = [batch.seqs[i] for i in first.tolist()]
+                c.slot_ready[rows[first]] = 1
+            batch.slots = slots
+            batch.logprobs = bool(c.logprobs[rows].any())
             self._plan_decode(batch, previous)
         self.inflight.append(batch)
 
@@ -412,30 +478,33 @@ class Scheduler:
             if samples:
                 seq.feed = (batch.call_index, i)
 
-    @staticmethod
-    def _plan_decode(batch: ScheduledBatch, previous: ScheduledBatch | None) -> None:
-        """One token per row, num_steps samples: the hot path of a stable batch, so one tight loop."""
-        steps, index = batch.num_steps, batch.call_index
-        positions, counters, inputs, prev_rows = batch.positions, batch.counters, batch.inputs, batch.prev_rows
-        for i, seq in enumerate(batch.seqs):
-            inflight = seq.inflight_tokens
-            start = seq.num_computed + seq.inflight_computed  # planned_computed: the newest token's position
-            positions.append(start)
-            counters.append(len(seq.output_ids) + inflight)
-            if inflight:  # its newest token is being sampled by the previous call: the worker feeds it forward
-                assert seq.feed is not None and previous is not None and seq.feed[0] == previous.call_index, \
-                    "fed from a call not in flight"
-                inputs.append(0)
-                prev_rows.append(seq.feed[1])
-            else:
-                inputs.append(seq.tokens[start])
-                prev_rows.append(-1)
-            seq.inflight_tokens = inflight + steps
-            seq.inflight_computed += steps
-            seq.inflight_calls += 1
-            seq.feed = (index, i)
-        batch.new_tokens = [steps] * len(batch.seqs)
-        batch.slots = [seq.slot for seq in batch.seqs]
+    def _plan_decode(self, batch: ScheduledBatch, previous: ScheduledBatch | None) -> None:
+        """One token per row, num_steps samples: the hot path of a stable batch, so whole arrays at once."""
+        c, rows, steps, n = self.counters, batch.row_ids, batch.num_steps, len(batch.seqs)
+        inflight = c.inflight_tokens[rows]
+        positions = c.num_computed[rows] + c.inflight_computed[rows]  # planned_computed: the newest token's
+        batch.positions = positions
+        batch.counters = batch.num_tokens - c.num_prompt[rows] + inflight
+        # a row whose newest token is being sampled by the previous call: the worker feeds it forward
+        fed = inflight > 0
+        inputs = np.zeros(n, np.int64)
+        if fed.any():
+            assert previous is not None and (c.feed_call[rows[fed]] == previous.call_index).all(), \
+                "fed from a call not in flight"
+            batch.prev_rows = np.where(fed, c.feed_row[rows], -1)
+        else:
+            batch.prev_rows = np.full(n, -1, np.int64)
+        if not fed.all():
+            own = np.flatnonzero(~fed).tolist()
+            seqs = batch.seqs
+            inputs[own] = [seqs[i].tokens[p] for i, p in zip(own, positions[own].tolist())]
+        batch.inputs = inputs
+        c.inflight_tokens[rows] = inflight + steps
+        c.inflight_computed[rows] += steps
+        c.inflight_calls[rows] += 1
+        c.feed_call[rows] = batch.call_index
+        c.feed_row[rows] = np.arange(n)
+        batch.new_tokens = [steps] * n
 
     def _settle_row(self, batch: ScheduledBatch, i: int) -> Sequence:
         """Row i's call is over (applied or discarded): it no longer counts in the plan; a finished sequence
@@ -444,64 +513,120 @@ class Scheduler:
         seq.inflight_tokens -= batch.new_tokens[i]
         seq.inflight_computed -= batch.written(i)
         seq.inflight_calls -= 1
-        if seq.feed is not None and seq.feed[0] == batch.call_index:
-            seq.feed = None
+        if seq.feed_call == batch.call_index:
+            seq.feed_call = 0
         if seq.status is Status.FINISHED and not seq.inflight_calls:
-            self._release(seq)
+            self._let_go(seq)
         return seq
 
     def postprocess(self, batch: ScheduledBatch, sampled: np.ndarray, logprobs: np.ndarray | None = None,
                     prompt_logprobs: np.ndarray | None = None) -> list[tuple[Sequence, Delta]]:
         """Applies the oldest call's sampled tokens, (rows, num_steps), and their logprobs (rows, num_steps,
-        2 + 2 k) and prompt logprobs (rows, tokens, 2 + 2 k) if the call asked; returns what to stream to whom.
-        Sequences that finish leave the scheduler (their blocks once no call in flight uses them)."""
+        2 + 2 k) and prompt logprobs (rows, tokens, 2 + 2 k) if the call asked; returns what to stream to whom now
+        (`stream_interval`). Sequences that finish leave the scheduler (their blocks once no call in flight uses
+        them)."""
         assert self.inflight and self.inflight[0] is batch, "results must be applied in the order of the calls"
         self.inflight.popleft()
-        if batch.is_prefill:
-            self._maybe_prefill = True
-        out: list[tuple[Sequence, Delta]] = []
-        rows = sampled.tolist()  # one conversion, not one per row
         sorted_logprobs = _SortedLogprobs(logprobs) if logprobs is not None else None
-        blocks, block_size = self.blocks, self.blocks.block_size
-        prefill, steps, index = batch.is_prefill, batch.num_steps, batch.call_index
-        finished = Status.FINISHED
+        if batch.is_prefill:
+            return self._postprocess_prefill(batch, sampled, sorted_logprobs, prompt_logprobs)
+        return self._postprocess_decode(batch, sampled, sorted_logprobs)
+
+    def _interval(self) -> int:
+        return self.stream_interval or min(MAX_STREAM_INTERVAL, -(-len(self.running) // STREAM_ROWS) or 1)
+
+    def _postprocess_prefill(self, batch: ScheduledBatch, sampled: np.ndarray, sorted_logprobs: _SortedLogprobs | None,
+                             prompt_logprobs: np.ndarray | None) -> list[tuple[Sequence, Delta]]:
+        """A prefill call: its chunks' prompt logprobs are kept (`_add_prompt_logprobs`); a sequence whose last
+        chunk it was gets its first token (streamed at once, with the prompt logprobs: `Sequence.take_delta`)."""
+        self._maybe_prefill = True
+        out: list[tuple[Sequence, Delta]] = []
+        rows = sampled.tolist()
         for i, seq in enumerate(batch.seqs):
-            # the call is over: it no longer counts in the plan (_settle_row, inlined for decode rows)
-            if prefill:
-                self._settle_row(batch, i)
-            else:
-                seq.inflight_tokens -= steps
-                seq.inflight_computed -= steps
-                seq.inflight_calls -= 1
-                if seq.feed is not None and seq.feed[0] == index:
-                    seq.feed = None
-                if seq.status is finished and not seq.inflight_calls:
-                    self._release(seq)
-            if seq.status is finished:  # finished or aborted while the call ran: results discarded
+            self._settle_row(batch, i)
+            if seq.status is Status.FINISHED:  # finished or aborted while the call ran: results discarded
                 continue
-            if prefill:
-                if prompt_logprobs is not None and seq.wants_prompt_logprobs:
-                    _add_prompt_logprobs(seq, batch.positions[i], prompt_logprobs[i, :batch.chunk_lens[i]])
-                seq.num_computed += batch.chunk_lens[i]
-                new = rows[i][:1] if batch.new_tokens[i] else []
-            else:
-                new = rows[i]
-            delta = None
-            if new:
+            if prompt_logprobs is not None and seq.wants_prompt_logprobs:
+                _add_prompt_logprobs(seq, batch.positions[i], prompt_logprobs[i, :batch.chunk_lens[i]])
+            seq.num_computed += batch.chunk_lens[i]
+            if batch.new_tokens[i]:
+                new = rows[i][:1]
                 wanted = seq.sampling.logprobs
-                delta = seq.append(new, None if wanted is None or sorted_logprobs is None
-                                   else sorted_logprobs.row(i, new, wanted))
-                if prefill and len(seq.output_ids) == 1 and delta is not None \
-                        and seq.sampling.prompt_logprobs is not None:
-                    delta.prompt_logprobs = seq.prompt_logprobs  # once, with the first token
+                seq.accept(new, None if wanted is None or sorted_logprobs is None
+                           else sorted_logprobs.row(i, new, wanted))
                 seq.num_computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
-            # only K/V of calls that returned: a block is published once all its tokens were really written
-            if seq.num_computed // block_size > seq.blocks.num_hashed_blocks:
-                blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
-            if delta is not None:
+            self._register_blocks(seq)
+            if batch.new_tokens[i] and (delta := seq.take_delta()) is not None:
                 out.append((seq, delta))
                 if seq.finish:
                     self.remove(seq)
+        return out
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Only K/V of calls that returned: a block is published once all its tokens were really written."""
+        if seq.num_computed // self.blocks.block_size > seq.blocks.num_hashed_blocks:
+            self.blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
+
+    def _postprocess_decode(self, batch: ScheduledBatch, sampled: np.ndarray,
+                            sorted_logprobs: _SortedLogprobs | None) -> list[tuple[Sequence, Delta]]:
+        """A decode call, every row at once where the counters allow: rows whose tokens cannot end them (no end
+        id among them, within their length, no stop strings, logprobs or min_tokens) take them with no per-token
+        work (`Sequence.extend`); the others token by token (`Sequence.accept`)."""
+        c, rows, steps, seqs = self.counters, batch.row_ids, batch.num_steps, batch.seqs
+        n = len(seqs)
+        # the call is over: it no longer counts in the plan
+        c.inflight_tokens[rows] -= steps
+        c.inflight_computed[rows] -= steps
+        c.inflight_calls[rows] -= 1
+        fed_by_it = rows[c.feed_call[rows] == batch.call_index]
+        c.feed_call[fed_by_it] = 0
+        live = np.ones(n, bool)
+        if self._finished_inflight:  # finished or aborted while the call ran: results discarded
+            for i, seq in enumerate(seqs):
+                if seq.status is Status.FINISHED:
+                    live[i] = False
+                    if not seq.inflight_calls:
+                        self._let_go(seq)
+        sampled = sampled[:n]
+        num_tokens = np.fromiter(map(len, map(_TOKENS, seqs)), np.int64, n)
+        done_before = num_tokens - c.num_prompt[rows]
+        careful = (c.per_token[rows].astype(bool) | (done_before + steps >= c.max_new[rows])
+                   | np.isin(sampled, c.end_ids()).any(axis=1))
+        new_rows = sampled.tolist()
+        for i in np.flatnonzero(live & ~careful).tolist():
+            seqs[i].extend(new_rows[i])
+        finished = []
+        for i in np.flatnonzero(live & careful).tolist():
+            seq = seqs[i]
+            wanted = seq.sampling.logprobs
+            seq.accept(new_rows[i], None if wanted is None or sorted_logprobs is None
+                       else sorted_logprobs.row(i, new_rows[i], wanted))
+            if seq.finish:
+                finished.append(i)
+        # every token but the newest has its K/V written
+        num_tokens = np.fromiter(map(len, map(_TOKENS, seqs)), np.int64, n)
+        if live.all():
+            c.num_computed[rows] = num_tokens - 1
+        else:
+            c.num_computed[rows[live]] = num_tokens[live] - 1
+        hashed = np.fromiter(map(_HASHED, seqs), np.int64, n)
+        for i in np.flatnonzero(live & ((num_tokens - 1) // self.blocks.block_size > hashed)).tolist():
+            self._register_blocks(seqs[i])
+        # stream: the sequences whose tokens cross their phase's multiple of the interval, those that finished, and
+        # those that got their first token (a prompt found whole in the prefix cache, or whose last prompt token
+        # a decode call computed: the first token goes at once, as after a prefill)
+        k = self._interval()
+        done = num_tokens - c.num_prompt[rows]
+        stream = live & (((done + rows) // k > (done_before + rows) // k) | (done_before == 0))
+        if finished:
+            stream[finished] = True
+        out: list[tuple[Sequence, Delta]] = []
+        for i in np.flatnonzero(stream).tolist():
+            seq = seqs[i]
+            if (delta := seq.take_delta()) is not None:
+                out.append((seq, delta))
+            if seq.finish:
+                self.remove(seq)
         return out
 
     def discard(self, batch: ScheduledBatch) -> None:

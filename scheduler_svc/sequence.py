@@ -101,6 +101,93 @@ class Delta:
     prompt_logprobs: list[Logprob] | None = None  # with the first token, when the request asked: prompt tokens 1..
 
 
+class Counters:
+    """The scheduler's per-sequence counters, one NumPy array each, indexed by `Sequence.row`: a decode step
+    plans, settles and applies every row at once instead of updating each sequence object. A sequence's counters
+    live here from `Scheduler.add` until the scheduler lets it go (finished, no call in flight); before and after,
+    in the sequence itself. Either way they read and write as attributes of the sequence (`_Counter`).
+
+    Also a copy of the immutable per-sequence values the vectorized steps read (prompt length, token limits, and
+    whether the sequence needs the per-token path: stop strings, logprobs, min_tokens)."""
+
+    NAMES = ("num_computed", "inflight_tokens", "inflight_computed", "inflight_calls", "feed_call", "feed_row",
+             "slot", "slot_ready")
+    STATIC = ("num_prompt", "max_new", "max_length", "per_token", "logprobs")
+
+    def __init__(self, capacity: int = 64):
+        for name in (*self.NAMES, *self.STATIC):
+            setattr(self, name, np.zeros(capacity, np.int64))
+        self._free = list(range(capacity - 1, -1, -1))
+        self._end_sets: dict[frozenset[int], int] = {}  # the sequences' sets of end ids, with how many have each
+        self._end_ids: np.ndarray | None = None  # their union
+
+    def end_ids(self) -> np.ndarray:
+        """Every id that ends some sequence here (EOS, stop ids): a row none of whose tokens is one cannot end
+        on an id."""
+        if self._end_ids is None:
+            ids = frozenset().union(*self._end_sets)
+            self._end_ids = np.fromiter(ids, np.int64, len(ids))
+        return self._end_ids
+
+    def adopt(self, seq: "Sequence") -> None:
+        assert seq.counters is None, "a sequence belongs to one scheduler"
+        if not self._free:
+            self._grow()
+        values = [getattr(seq, name) for name in self.NAMES]
+        seq.row, seq.counters = self._free.pop(), self
+        for name, value in zip(self.NAMES, values):
+            setattr(seq, name, value)
+        sampling, row = seq.sampling, seq.row
+        self.num_prompt[row], self.max_new[row], self.max_length[row] = \
+            len(seq.prompt_ids), seq.max_new_tokens, seq.max_length
+        self.per_token[row] = bool(sampling.stop or sampling.logprobs is not None or sampling.min_tokens)
+        self.logprobs[row] = sampling.logprobs is not None
+        if seq.end_ids not in self._end_sets:
+            self._end_ids = None
+        self._end_sets[seq.end_ids] = self._end_sets.get(seq.end_ids, 0) + 1
+
+    def drop(self, seq: "Sequence") -> None:
+        """The scheduler is done with the sequence: its counters move back into it and its row is free."""
+        values = [getattr(seq, name) for name in self.NAMES]
+        self._free.append(seq.row)
+        if (left := self._end_sets[seq.end_ids] - 1) == 0:
+            del self._end_sets[seq.end_ids]
+            self._end_ids = None
+        else:
+            self._end_sets[seq.end_ids] = left
+        seq.row, seq.counters = -1, None
+        for name, value in zip(self.NAMES, values):
+            setattr(seq, name, value)
+
+    def _grow(self) -> None:
+        old = len(self.num_computed)
+        for name in (*self.NAMES, *self.STATIC):
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(old, np.int64)]))
+        self._free = list(range(2 * old - 1, old - 1, -1))
+
+
+class _Counter:
+    """A sequence attribute kept in its scheduler's Counters while it has one, in the sequence otherwise."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, seq, owner=None):
+        if seq is None:
+            return self
+        counters = seq.counters
+        if counters is None:
+            return seq.__dict__.get(self.name, 0)
+        return int(getattr(counters, self.name)[seq.row])
+
+    def __set__(self, seq, value: int) -> None:
+        counters = seq.counters
+        if counters is None:
+            seq.__dict__[self.name] = value
+        else:
+            getattr(counters, self.name)[seq.row] = value
+
+
 @dataclass(eq=False)  # identity semantics: sequences live in sets and lists
 class Sequence:
     request_id: str
@@ -115,32 +202,53 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # leading tokens whose K/V are in the worker's cache (calls whose result was applied)
     blocks: BlockTable = field(default_factory=BlockTable)
     finish: Finish = Finish.NONE
     stop_reason: str = ""
     text: str = ""  # output text so far, stop strings cut; kept only for requests with stop strings
     emitted_chars: int = 0
+    # what the stream has not been sent yet (the scheduler streams every few steps: Scheduler.stream_interval):
+    # output_ids[sent:], their text (text not yet detokenized: output_ids[detokenized:]) and logprobs
+    sent: int = 0
+    detokenized: int = 0
+    unsent_text: str = ""
+    unsent_logprobs: list = field(default_factory=list)
     num_preemptions: int = 0
     cached_prompt_tokens: int = 0  # found in the prefix cache at the admission that produced the first token
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # prompt tokens 1, 2, ...'s logprobs received so far (sampling.prompt_logprobs): kept across a preemption, so
+    # a recompute adds only the ones still missing (prefill only: a plain attribute, not one of the Counters)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)
+    row: int = -1  # this sequence's index in its scheduler's Counters; -1 while it has none
+    counters: Counters | None = None
+
+    # The scheduler's counters (in Counters while the sequence is in a scheduler):
+    num_computed = _Counter()  # leading tokens whose K/V are in the worker's cache (calls whose result was applied)
     # Calls sent to the worker whose results are not applied yet (pipelining): the scheduler plans the next call
     # from the state the sequence will have after them. Their tokens are not in `tokens` until applied.
-    inflight_tokens: int = 0  # tokens those calls will sample for this sequence
-    inflight_computed: int = 0  # positions past num_computed whose K/V those calls will write
-    inflight_calls: int = 0  # those calls with a row for this sequence: its blocks stay until they return
-    feed: tuple[int, int] | None = None  # (call index, row) of the call in flight that samples its newest token
-    slot: int = 0  # the worker's sampling slot (penalty counts, logit bias) while running; 0: none
-    slot_ready: bool = False  # a call that fills the slot was sent (and not discarded)
-    # prompt tokens 1, 2, ...'s logprobs received so far (sampling.prompt_logprobs): kept across a preemption, so
-    # a recompute adds only the ones still missing
-    prompt_logprobs: list[Logprob] = field(default_factory=list)
+    inflight_tokens = _Counter()  # tokens those calls will sample for this sequence
+    inflight_computed = _Counter()  # positions past num_computed whose K/V those calls will write
+    inflight_calls = _Counter()  # those calls with a row for this sequence: its blocks stay until they return
+    feed_call = _Counter()  # the call in flight that samples its newest token (0: none) ...
+    feed_row = _Counter()  # ... and the sequence's row in it
+    slot = _Counter()  # the worker's sampling slot (penalty counts, logit bias) while running; 0: none
+    slot_ready = _Counter()  # a call that fills the slot was sent (and not discarded): 1, else 0
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)  # prompt + output, what the KV cache must hold
         self.max_new_tokens = min(self.sampling.max_tokens, self.max_length - len(self.prompt_ids))
         # ids that end the sequence (once min_tokens are out): its stop ids, and EOS unless ignored
         self.end_ids = self.sampling.stop_token_ids | (frozenset() if self.sampling.ignore_eos else self.eos_ids)
+
+    @property
+    def feed(self) -> tuple[int, int] | None:
+        """(call index, row) of the call in flight that samples the newest token, None if none does."""
+        call = self.feed_call
+        return (call, self.feed_row) if call else None
+
+    @feed.setter
+    def feed(self, value: tuple[int, int] | None) -> None:
+        self.feed_call, self.feed_row = value if value is not None else (0, 0)
 
     @property
     def waits_for_leader(self) -> bool:
@@ -200,15 +308,28 @@ class Sequence:
 
     # ---- new tokens ---------------------------------------------------------------------------------------------
     def append(self, new_ids: list[int], logprobs: list[Logprob] | None = None) -> Delta | None:
-        """Accepts sampled ids up to the first that ends the sequence; returns what to stream (None if nothing).
+        """Accepts sampled ids up to the first that ends the sequence; returns what to stream now (None if
+        nothing): `accept`, then `take_delta`."""
+        self.accept(new_ids, logprobs)
+        return self.take_delta()
 
-        Ids are taken one at a time so that a multi-step call's tokens after a stop are discarded, exactly as if
-        the steps had run one by one. This runs for every running sequence at every step: local variables and
-        module-level enum members, and the output text is kept only where stop strings need it."""
-        sampling, push = self.sampling, self.detokenizer.push_one
+    def extend(self, new_ids: list[int]) -> None:
+        """Accepts ids that the scheduler checked end nothing (no end id, within the length, no stop strings or
+        logprobs asked): their text is decoded when they are streamed (`take_delta`)."""
+        self.output_ids += new_ids
+        self.tokens += new_ids
+
+    def accept(self, new_ids: list[int], logprobs: list[Logprob] | None = None) -> None:
+        """Accepts sampled ids up to the first that ends the sequence, one at a time, so that a multi-step call's
+        tokens after a stop are discarded exactly as if the steps had run one by one; their text and logprobs
+        wait for `take_delta`."""
+        sampling = self.sampling
+        stop_strings = sampling.stop
+        if not stop_strings and self.detokenized < len(self.output_ids):
+            self._detokenize()  # ids `extend` took: their text comes first
+        push = self.detokenizer.push_one
         done = len(self.output_ids)
         room = self.max_new_tokens - done  # new tokens it may accept
-        stop_strings = sampling.stop
         count, finish, pieces = 0, _NONE, []
         for tok in new_ids:
             count += 1
@@ -230,14 +351,39 @@ class Sequence:
         accepted = new_ids if count == len(new_ids) else new_ids[:count]
         self.output_ids += accepted
         self.tokens += accepted
+        self.detokenized = len(self.output_ids)
         self.finish = finish
-        if stop_strings:
-            delta = self._take_delta(accepted)
-        else:  # nothing held back: every new piece is streamed now
-            delta = Delta(accepted, pieces[0] if count == 1 else "".join(pieces), finish, self.stop_reason,
-                          index=self.index)
-        if delta is not None and logprobs is not None:
-            delta.logprobs = logprobs[:count]
+        if not stop_strings:
+            self.unsent_text += pieces[0] if count == 1 else "".join(pieces)
+        if logprobs is not None:
+            self.unsent_logprobs += logprobs[:count]
+
+    def _detokenize(self) -> None:
+        push = self.detokenizer.push_one
+        self.unsent_text += "".join([push(t) for t in self.output_ids[self.detokenized:]])
+        self.detokenized = len(self.output_ids)
+
+    def take_delta(self) -> Delta | None:
+        """What the stream has not been sent yet, as one Delta (None if nothing): the tokens, their text (a stop
+        string's possible start held back) and logprobs, and the finish once finished; the first message with
+        tokens also carries the prompt logprobs, if asked (sample 0's: the others' Sampling has none)."""
+        sent, done = self.sent, len(self.output_ids)
+        if self.sampling.stop:
+            end = len(self.text) - self._held_back()
+            text = self.text[self.emitted_chars:end] if end > self.emitted_chars else ""
+            self.emitted_chars = max(self.emitted_chars, end)
+        else:
+            if self.detokenized < done:
+                self._detokenize()
+            text, self.unsent_text = self.unsent_text, ""
+        if sent == done and not text and not self.finish:
+            return None
+        self.sent = done
+        delta = Delta(self.output_ids[sent:], text, self.finish, self.stop_reason, index=self.index)
+        if self.sampling.logprobs is not None and done > sent:
+            delta.logprobs, self.unsent_logprobs = self.unsent_logprobs, []
+        if not sent and done and self.sampling.prompt_logprobs is not None:
+            delta.prompt_logprobs = self.prompt_logprobs  # once, on the first message with tokens
         return delta
 
     def _cut_at_stop_string(self, delta_len: int) -> bool:
@@ -260,15 +406,7 @@ class Sequence:
                 return n
         return 0
 
-    def _take_delta(self, accepted: list[int]) -> Delta | None:
-        end = len(self.text) - self._held_back()
-        text = self.text[self.emitted_chars:end] if end > self.emitted_chars else ""
-        self.emitted_chars = max(self.emitted_chars, end)
-        if not accepted and not text and not self.finish:
-            return None
-        return Delta(token_ids=accepted, text=text, finish=self.finish, stop_reason=self.stop_reason,
-                     index=self.index)
-
     def abort(self, reason: str = "") -> Delta:
+        """Finishes the sequence as aborted; the last Delta carries what was not streamed yet."""
         self.finish, self.stop_reason = Finish.ABORT, reason
-        return Delta(token_ids=[], text="", finish=Finish.ABORT, stop_reason=reason, index=self.index)
+        return self.take_delta()

@@ -118,6 +118,34 @@ def test_a_preemption_between_chunks_neither_repeats_nor_loses_any(sched):
     assert all(d.prompt_logprobs is None for _, d in run(sched, batch))
 
 
+def test_with_a_stream_interval_they_come_on_the_first_message():
+    """Streaming every 4 tokens: the first message still comes with the first token and carries the prompt
+    logprobs, also when a decode call samples it (a token budget below the chunk leaves the prompt's last token to
+    a decode call) and when other streams' decode rows share the calls."""
+    sched = Scheduler(BlockManager(num_blocks=48, block_size=4), decode_batch_sizes=[1, 2, 4, 8],
+                      prefill_shapes=[(1, 8), (2, 8)], max_steps=1, stream_steps=1, join_steps=1,
+                      max_num_batched_tokens=5, stream_interval=4)
+    # 4 others: s's Counters row is 4, whose phase would stream its first token with its fourth
+    others = [Sequence(f"o{i}", list(range(300 + 10 * i, 303 + 10 * i)), Sampling(max_tokens=50), max_length=256,
+                       detokenizer=NullDetokenizer(), eos_ids=frozenset()) for i in range(4)]
+    for o in others:
+        sched.add(o)
+    for _ in range(3):  # the others are decoding
+        run(sched, sched.schedule())
+    prompt = list(range(100, 106))
+    s = plp_seq(prompt)
+    sched.add(s)
+    messages = []
+    for call in range(6):
+        batch = sched.schedule()
+        messages += [(call, batch.is_prefill, d) for q, d in run(sched, batch) if q is s]
+    call, prefill, first = messages[0]
+    assert not prefill and first.token_ids == [7]  # the decode call after its only chunk (5 tokens) sampled it
+    assert [e.token_id for e in first.prompt_logprobs] == prompt[1:]
+    assert [e.logprob for e in first.prompt_logprobs] == [-t for t in range(1, 6)]
+    assert all(d.prompt_logprobs is None for _, _, d in messages[1:])
+
+
 def test_a_one_token_prompt_has_none(sched):
     s = plp_seq([5])
     assert not s.wants_prompt_logprobs
