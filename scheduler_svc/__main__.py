@@ -80,8 +80,8 @@ def main() -> None:
                          "the largest prefill bucket's rows x tokens")
     ap.add_argument("--stream-interval", type=int, default=0,
                     help="tokens per stream message (vLLM's --stream-interval; first and last tokens go at once); "
-                         f"0 (default): by load, every token up to {STREAM_ROWS} running sequences, then fewer, at "
-                         f"most {MAX_STREAM_INTERVAL}")
+                         f"0 (default): by load, every token up to {STREAM_ROWS} running sequences, then about "
+                         f"{STREAM_ROWS} messages per step, at most {MAX_STREAM_INTERVAL} tokens per message")
     ap.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve the gRPC API over TLS")
     ap.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     ap.add_argument("--api-token", default=None,

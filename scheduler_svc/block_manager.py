@@ -132,6 +132,15 @@ class BlockManager:
         table.block_ids.extend(new)
         return new
 
+    def grow_all(self, tables: list[BlockTable], num_tokens: list[int]) -> None:
+        """grow() for several tables at once (a decode step's rows entering a new block); the caller made sure
+        the free blocks suffice."""
+        block_size, take = self.block_size, self._take_free
+        for table, n in zip(tables, num_tokens):
+            ids = table.block_ids
+            for _ in range(-(-n // block_size) - len(ids)):
+                ids.append(take())
+
     def register_full_blocks(self, table: BlockTable, tokens: list[int], num_computed: int) -> None:
         """Publishes the hashes of blocks whose every token is final and in the cache, for later prefix hits."""
         full = min(num_computed, len(tokens)) // self.block_size

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import grpc
 import numpy as np
@@ -394,6 +395,7 @@ class Engine:
 
 # a padding row's sampling record: greedy, no filters, no penalties
 PADDING_ROW = Sampling(temperature=0.0, seed=0).row
+_PADDING_WORDS = np.frombuffer(PADDING_ROW, np.uint32)
 
 
 def _varint(value: int) -> bytes:
@@ -405,6 +407,7 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+_BLOCK_IDS = attrgetter("blocks.block_ids")
 # the block tables' field key (protobuf wire type 2: length-delimited)
 _TABLES_KEY = _varint(worker_pb2.ExecuteRequest.DESCRIPTOR.fields_by_name["block_tables"].number << 3 | 2)
 
@@ -432,9 +435,13 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> b
             tokens[i, :len(inputs)] = inputs
     else:
         tokens[:n, 0] = batch.inputs
-    rows = np.frombuffer(b"".join([seq.sampling.row for seq in seqs]) + PADDING_ROW * (B - n), ROW_DTYPE)
+    # the sampling columns, one row of 32-bit words per ROW_DTYPE field
+    columns = np.empty((len(ROW_DTYPE.names), B), np.uint32)
+    columns[:, :n] = batch.sampling.T
+    columns[:, n:] = _PADDING_WORDS[:, None]
+    rows = {name: columns[i] for i, name in enumerate(ROW_DTYPE.names)}
     # the block table's one home is the sequence's block list: each call's rows are built from it here
-    block_lists = [seq.blocks.block_ids for seq in seqs]
+    block_lists = list(map(_BLOCK_IDS, seqs))
     tables = np.zeros(B * table_width, np.int32)
     if n:
         lengths = np.fromiter(map(len, block_lists), np.int64, n)
@@ -451,7 +458,7 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> b
         instance_id=instance_id, call_index=batch.call_index, previous_call=batch.previous_call,
         previous_rows=column(batch.prev_rows, np.int32, -1) if fed else b"", logprobs=batch.logprobs,
         prompt_logprobs=batch.prompt_logprobs)
-    if any(batch.slots) or rows["min_p"].any():  # the full graph's inputs; the plain graph needs none of them
+    if np.any(batch.slots) or rows["min_p"].any():  # the full graph's inputs; the plain graph needs none of them
         request.slots, request.min_p = column(batch.slots, np.int32), rows["min_p"].tobytes()
         request.repetition_penalty = rows["repetition_penalty"].tobytes()
         request.presence_penalty = rows["presence_penalty"].tobytes()

@@ -150,16 +150,17 @@ def merge_deltas(deltas: list[Delta]) -> list[Delta]:
 def response_message(seq: Sequence, delta: Delta, texts) -> scheduler_pb2.GenerateResponse:
     """The message that streams one delta of `seq` (its totals with the last); texts: token id -> text, for
     logprob entries (Tokenizer.texts)."""
-    response = scheduler_pb2.GenerateResponse(
-        request_id=seq.request_id, token_ids=delta.token_ids, text=delta.text,
-        finish_reason=int(delta.finish), index=delta.index)
+    response = scheduler_pb2.GenerateResponse(request_id=seq.request_id, token_ids=delta.token_ids, text=delta.text)
+    if delta.index:
+        response.index = delta.index
     if delta.logprobs is not None:
         _add_logprobs(response.logprobs, delta.logprobs, texts)
     if delta.prompt_logprobs is not None:
         _add_logprobs(response.prompt_logprobs, delta.prompt_logprobs, texts)
     if delta.finish:
+        response.finish_reason = int(delta.finish)
         response.prompt_tokens = len(seq.prompt_ids)
-        response.completion_tokens = len(seq.output_ids)
+        response.completion_tokens = seq.num_output
         response.stop_reason = delta.stop_reason
         response.cached_prompt_tokens = seq.cached_prompt_tokens
     return response
@@ -218,9 +219,9 @@ class RequestStream:
                 frontend.engine.abort(sample)
         now = time.monotonic()
         reason = FINISH_NAMES[seq.finish]
-        frontend.metrics.observe(seq.arrival, self.first_token_at, now, len(seq.output_ids), reason)
+        frontend.metrics.observe(seq.arrival, self.first_token_at, now, seq.num_output, reason)
         ttft = f"{self.first_token_at - seq.arrival:.3f}s" if self.first_token_at else "-"
         log.info("request %s finished: %d prompt + %d completion tokens, first token %s, %.3fs, %s%s",
-                 seq.request_id.encode("unicode_escape").decode(), len(seq.prompt_ids), len(seq.output_ids), ttft,
+                 seq.request_id.encode("unicode_escape").decode(), len(seq.prompt_ids), seq.num_output, ttft,
                  now - seq.arrival, reason,
                  f" ({seq.stop_reason})" if reason == "abort" and seq.stop_reason else "")

@@ -21,7 +21,7 @@ import bisect
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -47,12 +47,21 @@ ARRIVING_CALLS = 4
 # it in grpc.aio), so the default (0) chooses by load: every token while up to STREAM_ROWS sequences run, then
 # every ceil(running / STREAM_ROWS) tokens (about STREAM_ROWS messages per step), never fewer than one message
 # every MAX_STREAM_INTERVAL tokens (issue 7: clients receive tokens at least every 4 steps). The sequences'
-# messages are staggered (each counts from its own phase), so each step sends about the same number.
-STREAM_ROWS = 64
+# messages are staggered (each counts from its own phase), so each step sends about the same number. Calls of
+# STREAM_STEPS steps, the engine's once a batch is stable, send every 2 tokens anyway: up to 64 running, the
+# default changes only the calls of one step made while requests arrive.
+STREAM_ROWS = 32
 MAX_STREAM_INTERVAL = 4
 
 _ROW, _TOKENS, _BLOCK_IDS = attrgetter("row"), attrgetter("tokens"), attrgetter("blocks.block_ids")
-_HASHED = attrgetter("blocks.num_hashed_blocks")
+_LAST = itemgetter(-1)
+# the rows of Counters.state
+_COMPUTED, _INFLIGHT_TOKENS, _INFLIGHT_COMPUTED, _INFLIGHT_CALLS = (
+    Counters.NUM_COMPUTED, Counters.INFLIGHT_TOKENS, Counters.INFLIGHT_COMPUTED, Counters.INFLIGHT_CALLS)
+_FEED_CALL, _FEED_ROW, _SLOT, _SLOT_READY = Counters.FEED_CALL, Counters.FEED_ROW, Counters.SLOT, Counters.SLOT_READY
+_PROMPT, _MAX_NEW, _MAX_LENGTH, _PER_TOKEN, _LOGPROBS = (
+    Counters.NUM_PROMPT, Counters.MAX_NEW, Counters.MAX_LENGTH, Counters.PER_TOKEN, Counters.LOGPROBS)
+_MUTABLE = len(Counters.NAMES)  # state[:_MUTABLE]: what the scheduler changes
 
 
 @dataclass
@@ -77,9 +86,13 @@ class ScheduledBatch:
     slot_inits: list[Sequence] = field(default_factory=list)  # sequences whose slot this call fills first
     logprobs: bool = False  # some row wants its tokens' logprobs
     prompt_logprobs: bool = False  # a prefill row wants its chunk's prompt logprobs (it runs alone)
-    # a decode call's sequences as rows of the scheduler's Counters, and their token counts when it was planned
+    # the call's sequences as rows of the scheduler's Counters, their sampling records (Sampling.row, as rows of
+    # 32-bit words), and for a decode call their token counts and counters (Counters.state[:, row_ids]) when it
+    # was planned
     row_ids: np.ndarray | None = None
+    sampling: np.ndarray | None = None
     num_tokens: np.ndarray | None = None
+    state: np.ndarray | None = None
 
     @property
     def is_prefill(self) -> bool:
@@ -240,7 +253,7 @@ class Scheduler:
             if not seq.blocks.block_ids:
                 self.blocks.allocate_prompt(seq.blocks, seq.tokens, lookup=not seq.wants_prompt_logprobs)
                 seq.num_computed = seq.blocks.num_cached_tokens
-                if not seq.output_ids:  # reported for the admission that produces the first token
+                if not seq.num_output:  # reported for the admission that produces the first token
                     seq.cached_prompt_tokens = seq.num_computed
             first_chunk = min(seq.num_pending, self.prefill_shapes[-1][1], self.max_batched_tokens)
             needed = self.blocks.blocks_for(seq.num_computed + first_chunk) - len(seq.blocks.block_ids)
@@ -328,41 +341,48 @@ class Scheduler:
             seqs = [s for s in seqs if s not in self._draining]  # to be preempted once their calls return
         if not seqs:
             return None
-        c = self.counters
-        rows, num_tokens, inflight, pending = self._progress(seqs)
-        left = c.max_new[rows] - (num_tokens - c.num_prompt[rows]) - inflight  # tokens no call plans for yet
-        chosen = (pending == 1) & (left > 0)
+        rows, num_tokens, state = self._rows(seqs)
+        planned = num_tokens + state[_INFLIGHT_TOKENS]  # Sequence.planned_len
+        left = state[_MAX_NEW] + state[_PROMPT] - planned  # tokens no call plans for yet
+        chosen = (planned - state[_COMPUTED] - state[_INFLIGHT_COMPUTED] == 1) & (left > 0)
         if not chosen.all():
-            index = np.flatnonzero(chosen)
+            index = np.flatnonzero(chosen)[:self.max_batched_tokens]
+            if not index.size:
+                return None
             seqs = [seqs[i] for i in index.tolist()]
-            rows, num_tokens, inflight, left = rows[index], num_tokens[index], inflight[index], left[index]
-        if not seqs:
-            return None
-        if len(seqs) > self.max_batched_tokens:
+            rows, num_tokens, state, planned, left = (
+                rows[index], num_tokens[index], state[:, index], planned[index], left[index])
+        elif len(seqs) > self.max_batched_tokens:
             cut = self.max_batched_tokens
-            seqs, rows, num_tokens, inflight, left = seqs[:cut], rows[:cut], num_tokens[:cut], inflight[:cut], left[:cut]
+            seqs, rows, num_tokens, state, planned, left = (
+                seqs[:cut], rows[:cut], num_tokens[:cut], state[:, :cut], planned[:cut], left[:cut])
         # run as many steps as the longest-lived row can use; rows that finish early discard the rest
         steps = max(1, min(self._call_steps(), int(left.max())))
         # positions written: planned_len - 1 ... planned_len + steps - 2, within the sequence's limit
-        need = np.minimum(num_tokens + inflight + steps - 1, c.max_length[rows])
-        block_size = self.blocks.block_size
-        short = -(-need // block_size) - np.fromiter(map(len, map(_BLOCK_IDS, seqs)), np.int64, len(seqs))
+        need = np.minimum(planned + (steps - 1), state[_MAX_LENGTH])
+        short = -(-need // self.blocks.block_size) - np.fromiter(map(len, map(_BLOCK_IDS, seqs)), np.int64,
+                                                                   len(seqs))
         grow = np.flatnonzero(short > 0)
         if grow.size:  # rows entering a new block (one in block_size per step)
             if int(short[grow].sum()) <= self.blocks.num_free:
-                for i in grow.tolist():
-                    self.blocks.grow(seqs[i].blocks, int(need[i]))
+                self.blocks.grow_all([seqs[i].blocks for i in grow.tolist()], need[grow].tolist())
             else:  # not enough for all: oldest first, preempting the youngest
                 ready = self._grow_in_order(seqs, need.tolist())
                 if not ready:
                     return None
                 if len(ready) < len(seqs):
                     seqs = ready
-                    rows, num_tokens = self._progress(seqs)[:2]
-        rows_bucket = next(b for b in self.decode_batch_sizes if b >= len(seqs))
-        batch = ScheduledBatch(seqs, rows_bucket, 1, [1] * len(seqs), num_steps=steps)
-        batch.row_ids, batch.num_tokens = rows, num_tokens
+                    rows, num_tokens, state = self._rows(seqs)
+        batch = ScheduledBatch(seqs, next(b for b in self.decode_batch_sizes if b >= len(seqs)), 1, [1] * len(seqs),
+                               num_steps=steps)
+        batch.row_ids, batch.num_tokens, batch.state = rows, num_tokens, state
         return batch
+
+    def _rows(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sequences' Counters rows, token counts and counters (Counters.state[:, rows])."""
+        n = len(seqs)
+        rows = np.fromiter(map(_ROW, seqs), np.int64, n)
+        return rows, np.fromiter(map(len, map(_TOKENS, seqs)), np.int64, n), self.counters.state[:, rows]
 
     def _grow_in_order(self, seqs: list[Sequence], need: list[int]) -> list[Sequence]:
         """Oldest first, every sequence gets blocks for `need` positions. When blocks run out, the youngest
@@ -438,6 +458,9 @@ class Scheduler:
         batch.call_index = index = self.call_base + self.num_calls
         previous = self.inflight[-1] if self.inflight else None
         batch.previous_call = previous.call_index if previous else 0
+        if batch.row_ids is None:
+            batch.row_ids = np.fromiter(map(_ROW, batch.seqs), np.int64, len(batch.seqs))
+        batch.sampling = self.counters.sampling[batch.row_ids]
         if batch.is_prefill:
             self._maybe_prefill = True
             for seq in batch.seqs:
@@ -448,14 +471,14 @@ class Scheduler:
             batch.prompt_logprobs = any(seq.wants_prompt_logprobs for seq in batch.seqs)
             self._plan_prefill(batch, previous)
         else:
-            c, rows = self.counters, batch.row_ids
-            slots = c.slot[rows]
+            state = batch.state
+            slots = state[_SLOT]
             if slots.any():
-                first = np.flatnonzero((slots > 0) & (c.slot_ready[rows] == 0))
+                first = np.flatnonzero((slots > 0) & (state[_SLOT_READY] == 0))
                 batch.slot_inits = [batch.seqs[i] for i in first.tolist()]
-                c.slot_ready[rows[first]] = 1
-            batch.slots = slots
-            batch.logprobs = bool(c.logprobs[rows].any())
+                state[_SLOT_READY, first] = 1
+            batch.slots = slots.copy()
+            batch.logprobs = bool(state[_LOGPROBS].any())
             self._plan_decode(batch, previous)
         self.inflight.append(batch)
 
@@ -464,7 +487,7 @@ class Scheduler:
         for i, (seq, length) in enumerate(zip(batch.seqs, batch.chunk_lens)):
             start = seq.planned_computed
             batch.positions.append(start)
-            batch.counters.append(len(seq.output_ids) + seq.inflight_tokens)
+            batch.counters.append(seq.num_output + seq.inflight_tokens)
             # a prompt-logprobs row's input also holds the token after its chunk, if any (worker.proto)
             lookahead = int(length < batch.tokens and seq.wants_prompt_logprobs)
             batch.inputs.append(seq.tokens[start:start + length + lookahead])
@@ -479,31 +502,32 @@ class Scheduler:
                 seq.feed = (batch.call_index, i)
 
     def _plan_decode(self, batch: ScheduledBatch, previous: ScheduledBatch | None) -> None:
-        """One token per row, num_steps samples: the hot path of a stable batch, so whole arrays at once."""
-        c, rows, steps, n = self.counters, batch.row_ids, batch.num_steps, len(batch.seqs)
-        inflight = c.inflight_tokens[rows]
-        positions = c.num_computed[rows] + c.inflight_computed[rows]  # planned_computed: the newest token's
-        batch.positions = positions
-        batch.counters = batch.num_tokens - c.num_prompt[rows] + inflight
+        """One token per row, num_steps samples: the hot path of a stable batch, so whole arrays at once (the
+        rows' counters as gathered by `_decode_batch`, written back at the end)."""
+        state, steps, n = batch.state, batch.num_steps, len(batch.seqs)
+        inflight = state[_INFLIGHT_TOKENS].copy()
+        batch.positions = state[_COMPUTED] + state[_INFLIGHT_COMPUTED]  # planned_computed: the newest token's
+        batch.counters = batch.num_tokens - state[_PROMPT] + inflight
         # a row whose newest token is being sampled by the previous call: the worker feeds it forward
         fed = inflight > 0
         inputs = np.zeros(n, np.int64)
         if fed.any():
-            assert previous is not None and (c.feed_call[rows[fed]] == previous.call_index).all(), \
+            assert previous is not None and (state[_FEED_CALL, fed] == previous.call_index).all(), \
                 "fed from a call not in flight"
-            batch.prev_rows = np.where(fed, c.feed_row[rows], -1)
-        else:
+            batch.prev_rows = np.where(fed, state[_FEED_ROW], -1)
+            if not fed.all():
+                own = np.flatnonzero(~fed)
+                inputs[own] = list(map(_LAST, map(_TOKENS, map(batch.seqs.__getitem__, own.tolist()))))
+        else:  # each row's input is its newest token (tokens[positions])
             batch.prev_rows = np.full(n, -1, np.int64)
-        if not fed.all():
-            own = np.flatnonzero(~fed).tolist()
-            seqs = batch.seqs
-            inputs[own] = [seqs[i].tokens[p] for i, p in zip(own, positions[own].tolist())]
+            inputs[:] = list(map(_LAST, map(_TOKENS, batch.seqs)))
         batch.inputs = inputs
-        c.inflight_tokens[rows] = inflight + steps
-        c.inflight_computed[rows] += steps
-        c.inflight_calls[rows] += 1
-        c.feed_call[rows] = batch.call_index
-        c.feed_row[rows] = np.arange(n)
+        state[_INFLIGHT_TOKENS] += steps
+        state[_INFLIGHT_COMPUTED] += steps
+        state[_INFLIGHT_CALLS] += 1
+        state[_FEED_CALL] = batch.call_index
+        state[_FEED_ROW] = np.arange(n)
+        self.counters.state[:_MUTABLE, batch.row_ids] = state[:_MUTABLE]
         batch.new_tokens = [steps] * n
 
     def _settle_row(self, batch: ScheduledBatch, i: int) -> Sequence:
@@ -548,38 +572,41 @@ class Scheduler:
                 continue
             if prompt_logprobs is not None and seq.wants_prompt_logprobs:
                 _add_prompt_logprobs(seq, batch.positions[i], prompt_logprobs[i, :batch.chunk_lens[i]])
-            seq.num_computed += batch.chunk_lens[i]
+            computed = seq.num_computed + batch.chunk_lens[i]
             if batch.new_tokens[i]:
                 new = rows[i][:1]
                 wanted = seq.sampling.logprobs
                 seq.accept(new, None if wanted is None or sorted_logprobs is None
                            else sorted_logprobs.row(i, new, wanted))
-                seq.num_computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
-            self._register_blocks(seq)
+                computed = len(seq.tokens) - 1  # every token but the newest has its K/V written
+            seq.num_computed = computed
+            self._register_blocks(seq, computed)
             if batch.new_tokens[i] and (delta := seq.take_delta()) is not None:
                 out.append((seq, delta))
                 if seq.finish:
                     self.remove(seq)
         return out
 
-    def _register_blocks(self, seq: Sequence) -> None:
+    def _register_blocks(self, seq: Sequence, num_computed: int) -> None:
         """Only K/V of calls that returned: a block is published once all its tokens were really written."""
-        if seq.num_computed // self.blocks.block_size > seq.blocks.num_hashed_blocks:
-            self.blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
+        if num_computed // self.blocks.block_size > seq.blocks.num_hashed_blocks:
+            self.blocks.register_full_blocks(seq.blocks, seq.tokens, num_computed)
 
     def _postprocess_decode(self, batch: ScheduledBatch, sampled: np.ndarray,
                             sorted_logprobs: _SortedLogprobs | None) -> list[tuple[Sequence, Delta]]:
         """A decode call, every row at once where the counters allow: rows whose tokens cannot end them (no end
         id among them, within their length, no stop strings, logprobs or min_tokens) take them with no per-token
-        work (`Sequence.extend`); the others token by token (`Sequence.accept`)."""
+        work (their text is decoded when they are streamed); the others token by token (`Sequence.accept`)."""
         c, rows, steps, seqs = self.counters, batch.row_ids, batch.num_steps, batch.seqs
         n = len(seqs)
         # the call is over: it no longer counts in the plan
-        c.inflight_tokens[rows] -= steps
-        c.inflight_computed[rows] -= steps
-        c.inflight_calls[rows] -= 1
-        fed_by_it = rows[c.feed_call[rows] == batch.call_index]
-        c.feed_call[fed_by_it] = 0
+        state = c.state[:, rows]
+        state[_INFLIGHT_TOKENS] -= steps
+        state[_INFLIGHT_COMPUTED] -= steps
+        state[_INFLIGHT_CALLS] -= 1
+        feed = state[_FEED_CALL]
+        feed[feed == batch.call_index] = 0
+        c.state[:_MUTABLE, rows] = state[:_MUTABLE]
         live = np.ones(n, bool)
         if self._finished_inflight:  # finished or aborted while the call ran: results discarded
             for i, seq in enumerate(seqs):
@@ -589,35 +616,43 @@ class Scheduler:
                         self._let_go(seq)
         sampled = sampled[:n]
         num_tokens = np.fromiter(map(len, map(_TOKENS, seqs)), np.int64, n)
-        done_before = num_tokens - c.num_prompt[rows]
-        careful = (c.per_token[rows].astype(bool) | (done_before + steps >= c.max_new[rows])
-                   | np.isin(sampled, c.end_ids()).any(axis=1))
+        done_before = num_tokens - state[_PROMPT]
+        careful = ((state[_PER_TOKEN] > 0) | (done_before + steps >= state[_MAX_NEW])
+                   | (sampled[:, :, None] == c.end_ids()).any(axis=(1, 2)))
         new_rows = sampled.tolist()
-        for i in np.flatnonzero(live & ~careful).tolist():
-            seqs[i].extend(new_rows[i])
+        num_tokens += steps  # rows taking all their tokens; careful ones are counted below
+        careful &= live
+        if careful.any() or not live.all():
+            quick = np.flatnonzero(live & ~careful).tolist()
+            new_quick = [new_rows[i] for i in quick]
+            quick = [seqs[i] for i in quick]
+        else:
+            new_quick, quick = new_rows, seqs
+        deque(map(list.extend, map(_TOKENS, quick), new_quick), 0)  # each row's tokens += its new ones
         finished = []
-        for i in np.flatnonzero(live & careful).tolist():
+        for i in np.flatnonzero(careful).tolist():
             seq = seqs[i]
             wanted = seq.sampling.logprobs
             seq.accept(new_rows[i], None if wanted is None or sorted_logprobs is None
                        else sorted_logprobs.row(i, new_rows[i], wanted))
+            num_tokens[i] = len(seq.tokens)
             if seq.finish:
                 finished.append(i)
-        # every token but the newest has its K/V written
-        num_tokens = np.fromiter(map(len, map(_TOKENS, seqs)), np.int64, n)
+        # every token but the newest has its K/V written; a block that this filled is published
+        computed = num_tokens - 1
         if live.all():
-            c.num_computed[rows] = num_tokens - 1
+            c.state[_COMPUTED, rows] = computed
         else:
-            c.num_computed[rows[live]] = num_tokens[live] - 1
-        hashed = np.fromiter(map(_HASHED, seqs), np.int64, n)
-        for i in np.flatnonzero(live & ((num_tokens - 1) // self.blocks.block_size > hashed)).tolist():
-            self._register_blocks(seqs[i])
+            c.state[_COMPUTED, rows[live]] = computed[live]
+        block_size = self.blocks.block_size
+        register = self.blocks.register_full_blocks
+        for i in np.flatnonzero(live & (computed // block_size > state[_COMPUTED] // block_size)).tolist():
+            register(seqs[i].blocks, seqs[i].tokens, int(computed[i]))
         # stream: the sequences whose tokens cross their phase's multiple of the interval, those that finished, and
         # those that got their first token (a prompt found whole in the prefix cache, or whose last prompt token
         # a decode call computed: the first token goes at once, as after a prefill)
         k = self._interval()
-        done = num_tokens - c.num_prompt[rows]
-        stream = live & (((done + rows) // k > (done_before + rows) // k) | (done_before == 0))
+        stream = live & (((num_tokens - state[_PROMPT] + rows) // k > (done_before + rows) // k) | (done_before == 0))
         if finished:
             stream[finished] = True
         out: list[tuple[Sequence, Delta]] = []

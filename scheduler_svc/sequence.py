@@ -102,10 +102,12 @@ class Delta:
 
 
 class Counters:
-    """The scheduler's per-sequence counters, one NumPy array each, indexed by `Sequence.row`: a decode step
-    plans, settles and applies every row at once instead of updating each sequence object. A sequence's counters
-    live here from `Scheduler.add` until the scheduler lets it go (finished, no call in flight); before and after,
-    in the sequence itself. Either way they read and write as attributes of the sequence (`_Counter`).
+    """The scheduler's per-sequence counters, one row of a NumPy array each (`state[field, Sequence.row]`): a
+    decode step reads every row's counters with one gather, plans, settles and applies them for all rows at once
+    and writes them back with one scatter, instead of updating each sequence object. A sequence's counters live
+    here from `Scheduler.add` until the scheduler lets it go (finished, no call in flight); before and after, in
+    the sequence itself. Either way they read and write as attributes of the sequence (`_Counter`); each field
+    is also an attribute here (a view: `counters.num_computed[row]`) and has its index (`Counters.NUM_COMPUTED`).
 
     Also a copy of the immutable per-sequence values the vectorized steps read (prompt length, token limits, and
     whether the sequence needs the per-token path: stop strings, logprobs, min_tokens)."""
@@ -113,10 +115,12 @@ class Counters:
     NAMES = ("num_computed", "inflight_tokens", "inflight_computed", "inflight_calls", "feed_call", "feed_row",
              "slot", "slot_ready")
     STATIC = ("num_prompt", "max_new", "max_length", "per_token", "logprobs")
+    FIELDS = (*NAMES, *STATIC)
 
     def __init__(self, capacity: int = 64):
-        for name in (*self.NAMES, *self.STATIC):
-            setattr(self, name, np.zeros(capacity, np.int64))
+        self.state = np.zeros((len(self.FIELDS), capacity), np.int64)
+        # each sequence's Sampling.row, as 32-bit words (every field is 4 bytes): a call's rows are one take
+        self.sampling = np.zeros((capacity, len(ROW_DTYPE.names)), np.uint32)
         self._free = list(range(capacity - 1, -1, -1))
         self._end_sets: dict[frozenset[int], int] = {}  # the sequences' sets of end ids, with how many have each
         self._end_ids: np.ndarray | None = None  # their union
@@ -142,6 +146,7 @@ class Counters:
             len(seq.prompt_ids), seq.max_new_tokens, seq.max_length
         self.per_token[row] = bool(sampling.stop or sampling.logprobs is not None or sampling.min_tokens)
         self.logprobs[row] = sampling.logprobs is not None
+        self.sampling[row] = np.frombuffer(sampling.row, np.uint32)
         if seq.end_ids not in self._end_sets:
             self._end_ids = None
         self._end_sets[seq.end_ids] = self._end_sets.get(seq.end_ids, 0) + 1
@@ -160,17 +165,22 @@ class Counters:
             setattr(seq, name, value)
 
     def _grow(self) -> None:
-        old = len(self.num_computed)
-        for name in (*self.NAMES, *self.STATIC):
-            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(old, np.int64)]))
+        old = self.state.shape[1]
+        self.state = np.concatenate([self.state, np.zeros_like(self.state)], axis=1)
+        self.sampling = np.concatenate([self.sampling, np.zeros_like(self.sampling)])
         self._free = list(range(2 * old - 1, old - 1, -1))
+
+
+for _i, _name in enumerate(Counters.FIELDS):
+    setattr(Counters, _name.upper(), _i)
+    setattr(Counters, _name, property(lambda self, i=_i: self.state[i]))
 
 
 class _Counter:
     """A sequence attribute kept in its scheduler's Counters while it has one, in the sequence otherwise."""
 
     def __set_name__(self, owner, name: str) -> None:
-        self.name = name
+        self.name, self.index = name, Counters.FIELDS.index(name)
 
     def __get__(self, seq, owner=None):
         if seq is None:
@@ -178,14 +188,14 @@ class _Counter:
         counters = seq.counters
         if counters is None:
             return seq.__dict__.get(self.name, 0)
-        return int(getattr(counters, self.name)[seq.row])
+        return int(counters.state[self.index, seq.row])
 
     def __set__(self, seq, value: int) -> None:
         counters = seq.counters
         if counters is None:
             seq.__dict__[self.name] = value
         else:
-            getattr(counters, self.name)[seq.row] = value
+            counters.state[self.index, seq.row] = value
 
 
 @dataclass(eq=False)  # identity semantics: sequences live in sets and lists
@@ -201,7 +211,6 @@ class Sequence:
     leader: Sequence | None = None  # sample 0 of the request, whose prefill the others wait for (shared blocks)
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
-    output_ids: list[int] = field(default_factory=list)
     blocks: BlockTable = field(default_factory=BlockTable)
     finish: Finish = Finish.NONE
     stop_reason: str = ""
@@ -236,6 +245,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)  # prompt + output, what the KV cache must hold
+        self.num_prompt = len(self.prompt_ids)
         self.max_new_tokens = min(self.sampling.max_tokens, self.max_length - len(self.prompt_ids))
         # ids that end the sequence (once min_tokens are out): its stop ids, and EOS unless ignored
         self.end_ids = self.sampling.stop_token_ids | (frozenset() if self.sampling.ignore_eos else self.eos_ids)
@@ -251,11 +261,20 @@ class Sequence:
         self.feed_call, self.feed_row = value if value is not None else (0, 0)
 
     @property
+    def output_ids(self) -> list[int]:
+        """The sampled tokens (a copy: `tokens` holds them)."""
+        return self.tokens[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
     def waits_for_leader(self) -> bool:
         """A later sample of a request waits until sample 0 has its first token: its prompt's full blocks are then
         in the prefix cache, and this sample's admission shares them instead of computing them again."""
         lead = self.leader
-        return lead is not None and not lead.output_ids and lead.status is not Status.FINISHED
+        return lead is not None and not lead.num_output and lead.status is not Status.FINISHED
 
     @property
     def order(self) -> tuple[int, float, int]:
@@ -293,7 +312,7 @@ class Sequence:
     @property
     def remaining(self) -> int:
         """New tokens the sequence may still accept (applied results only: what stop logic uses)."""
-        return self.max_new_tokens - len(self.output_ids)
+        return self.max_new_tokens - self.num_output
 
     @property
     def remaining_to_schedule(self) -> int:
@@ -313,11 +332,6 @@ class Sequence:
         self.accept(new_ids, logprobs)
         return self.take_delta()
 
-    def extend(self, new_ids: list[int]) -> None:
-        """Accepts ids that the scheduler checked end nothing (no end id, within the length, no stop strings or
-        logprobs asked): their text is decoded when they are streamed (`take_delta`)."""
-        self.output_ids += new_ids
-        self.tokens += new_ids
 
     def accept(self, new_ids: list[int], logprobs: list[Logprob] | None = None) -> None:
         """Accepts sampled ids up to the first that ends the sequence, one at a time, so that a multi-step call's
@@ -325,10 +339,10 @@ class Sequence:
         wait for `take_delta`."""
         sampling = self.sampling
         stop_strings = sampling.stop
-        if not stop_strings and self.detokenized < len(self.output_ids):
-            self._detokenize()  # ids `extend` took: their text comes first
+        done = len(self.tokens) - self.num_prompt
+        if not stop_strings and self.detokenized < done:
+            self._detokenize()  # ids the scheduler appended without this: their text comes first
         push = self.detokenizer.push_one
-        done = len(self.output_ids)
         room = self.max_new_tokens - done  # new tokens it may accept
         count, finish, pieces = 0, _NONE, []
         for tok in new_ids:
@@ -349,9 +363,8 @@ class Sequence:
             if finish is not _NONE:
                 break
         accepted = new_ids if count == len(new_ids) else new_ids[:count]
-        self.output_ids += accepted
         self.tokens += accepted
-        self.detokenized = len(self.output_ids)
+        self.detokenized = done + count
         self.finish = finish
         if not stop_strings:
             self.unsent_text += pieces[0] if count == 1 else "".join(pieces)
@@ -359,28 +372,33 @@ class Sequence:
             self.unsent_logprobs += logprobs[:count]
 
     def _detokenize(self) -> None:
-        push = self.detokenizer.push_one
-        self.unsent_text += "".join([push(t) for t in self.output_ids[self.detokenized:]])
-        self.detokenized = len(self.output_ids)
+        start = self.num_prompt + self.detokenized
+        self.unsent_text += self.detokenizer.push_many(self.tokens[start:])
+        self.detokenized = len(self.tokens) - self.num_prompt
 
     def take_delta(self) -> Delta | None:
         """What the stream has not been sent yet, as one Delta (None if nothing): the tokens, their text (a stop
         string's possible start held back) and logprobs, and the finish once finished; the first message with
-        tokens also carries the prompt logprobs, if asked (sample 0's: the others' Sampling has none)."""
-        sent, done = self.sent, len(self.output_ids)
+        tokens also carries the prompt logprobs, if asked (sample 0's: the others' Sampling has none). This runs
+        for every stream a step sends to."""
+        tokens, sent, num_prompt = self.tokens, self.sent, self.num_prompt
+        done = len(tokens) - num_prompt
         if self.sampling.stop:
             end = len(self.text) - self._held_back()
             text = self.text[self.emitted_chars:end] if end > self.emitted_chars else ""
             self.emitted_chars = max(self.emitted_chars, end)
         else:
-            if self.detokenized < done:
-                self._detokenize()
-            text, self.unsent_text = self.unsent_text, ""
+            text = self.unsent_text
+            if self.detokenized < done:  # the common case: the tokens since the last message, not decoded yet
+                text += self.detokenizer.push_many(tokens[num_prompt + self.detokenized:])
+                self.detokenized = done
+            if text:
+                self.unsent_text = ""
         if sent == done and not text and not self.finish:
             return None
         self.sent = done
-        delta = Delta(self.output_ids[sent:], text, self.finish, self.stop_reason, index=self.index)
-        if self.sampling.logprobs is not None and done > sent:
+        delta = Delta(tokens[num_prompt + sent:], text, self.finish, self.stop_reason, None, self.index)
+        if self.unsent_logprobs:
             delta.logprobs, self.unsent_logprobs = self.unsent_logprobs, []
         if not sent and done and self.sampling.prompt_logprobs is not None:
             delta.prompt_logprobs = self.prompt_logprobs  # once, on the first message with tokens

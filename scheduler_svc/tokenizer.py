@@ -176,6 +176,20 @@ class IncrementalDetokenizer:
             return text
         return self.push([token_id], final)
 
+    def push_many(self, new_ids: list[int]) -> str:
+        """The text of several ids none of which is final: one lookup each when all are ordinary."""
+        if self.clean:
+            pieces = self.pieces
+            texts = [pieces[i] for i in new_ids]
+            if None not in texts:
+                self.ids += new_ids
+                self.read_offset += len(new_ids)
+                self.prefix_offset = self.read_offset - 1
+                if self.prefix_offset > 64:
+                    self._trim()
+                return "".join(texts)
+        return "".join([self.push_one(i) for i in new_ids])
+
     def push(self, new_ids: list[int], final: bool = False) -> str:
         self.ids.extend(new_ids)
         prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])

@@ -6,7 +6,7 @@ import pytest
 
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Sampling, Sequence, Status
+from scheduler_svc.sequence import Finish, Sampling, Sequence, Status
 
 
 class NullDetokenizer:
@@ -14,6 +14,9 @@ class NullDetokenizer:
         return ""
 
     def push_one(self, token_id, final=False) -> str:
+        return ""
+
+    def push_many(self, ids) -> str:
         return ""
 
 
@@ -393,3 +396,176 @@ def test_sampling_slots_are_given_filled_once_and_returned():
     assert sched.free_slots == [1] and a.slot == 0
     batch = sched.schedule()
     assert b in batch.seqs and b.slot == 1 and batch.slot_inits == [b]
+
+
+# ---- vectorized decode, streaming interval ---------------------------------------------------------------------------
+class PieceDetokenizer:
+    """Token t's text is f"<t>": what a stream received can be checked against the tokens."""
+
+    def push_one(self, token_id, final=False) -> str:
+        return f"<{token_id}>"
+
+    def push_many(self, ids) -> str:
+        return "".join(f"<{t}>" for t in ids)
+
+
+def text_seq(rid: str, n_prompt: int = 3, **sampling) -> Sequence:
+    return Sequence(rid, list(range(10, 10 + n_prompt)), Sampling(**sampling), max_length=256,
+                    detokenizer=PieceDetokenizer(), eos_ids=frozenset({2}))
+
+
+def run_one_step_calls(sched: Scheduler, seqs: list[Sequence], tokens, calls: int) -> dict[str, list]:
+    """Prefill, then `calls` one-step decode calls where row i samples tokens(i, call); returns each stream's
+    messages as (call, token ids, text, finish)."""
+    for s in seqs:
+        sched.add(s)
+    got: dict[str, list] = {s.request_id: [] for s in seqs}
+    for call in range(calls):
+        batch = sched.schedule()
+        if batch is None:
+            break
+        sampled = np.array([[tokens(batch.seqs.index(s) if s in batch.seqs else 0, call)] for s in batch.seqs]
+                           + [[0]] * (batch.rows - len(batch.seqs)), np.int32)
+        for s, delta in sched.postprocess(batch, sampled):
+            got[s.request_id].append((call, delta.token_ids, delta.text, delta.finish))
+    return got
+
+
+def test_streams_get_their_tokens_every_stream_interval_tokens_staggered():
+    """With stream_interval 4 every stream gets its first token at once, then a message every 4 tokens, the
+    streams' messages spread over the steps; the messages carry every token and its text, in order."""
+    sched = Scheduler(BlockManager(num_blocks=64, block_size=4), decode_batch_sizes=[1, 2, 4], prefill_shapes=[(4, 8)],
+                      max_steps=1, stream_steps=1, join_steps=1, max_inflight=1, stream_interval=4)
+    seqs = [text_seq(f"s{i}", max_tokens=100, ignore_eos=True) for i in range(4)]
+    got = run_one_step_calls(sched, seqs, lambda i, call: 100 + call, calls=17)
+    per_call = {}
+    for s in seqs:
+        msgs = got[s.request_id]
+        assert msgs[0][0] == 0 and msgs[0][1] == [100]  # the prefill's token at once
+        calls = [m[0] for m in msgs]
+        assert all(b - a <= 4 for a, b in zip(calls, calls[1:]))  # at least every 4 tokens
+        assert all(len(m[1]) <= 4 for m in msgs)
+        ids = [t for m in msgs for t in m[1]]
+        assert ids == s.output_ids[:len(ids)] and "".join(m[2] for m in msgs) == "".join(f"<{t}>" for t in ids)
+        for c in calls[1:]:
+            per_call[c] = per_call.get(c, 0) + 1
+    assert max(per_call.values()) < len(seqs)  # staggered: not every stream at the same step
+
+
+def test_the_default_interval_follows_the_load():
+    import scheduler_svc.scheduler as scheduler_module
+
+    sched = Scheduler(BlockManager(num_blocks=64, block_size=4), decode_batch_sizes=[1, 2, 4, 8, 16],
+                      prefill_shapes=[(16, 8)], max_steps=1)
+    assert sched.stream_interval == 0
+    sched.running = [None] * scheduler_module.STREAM_ROWS
+    assert sched._interval() == 1  # every token up to STREAM_ROWS running
+    sched.running = [None] * (scheduler_module.STREAM_ROWS + 1)
+    assert sched._interval() == 2
+    sched.running = [None] * (100 * scheduler_module.STREAM_ROWS)
+    assert sched._interval() == scheduler_module.MAX_STREAM_INTERVAL == 4  # issue 7: tokens every 4 steps
+    assert Scheduler(BlockManager(num_blocks=8, block_size=4), decode_batch_sizes=[1], prefill_shapes=[(1, 8)],
+                     max_steps=1, stream_interval=9).stream_interval == 4
+
+
+def test_a_finish_sends_what_was_held_back_at_once():
+    """A stream that finishes (EOS, max_tokens) between its messages gets its unsent tokens with the finish."""
+    sched = Scheduler(BlockManager(num_blocks=64, block_size=4), decode_batch_sizes=[1, 2, 4], prefill_shapes=[(4, 8)],
+                      max_steps=1, stream_steps=1, join_steps=1, max_inflight=1, stream_interval=4)
+    eos, length = text_seq("eos", max_tokens=100), text_seq("length", max_tokens=6, ignore_eos=True)
+    got = run_one_step_calls(sched, [eos, length], lambda i, call: 2 if (i, call) == (0, 6) else 50 + call, calls=10)
+    assert eos.finish == Finish.STOP and eos.output_ids[-1] == 2 and len(eos.output_ids) == 7
+    assert length.finish == Finish.LENGTH and len(length.output_ids) == 6
+    for s in (eos, length):
+        msgs = got[s.request_id]
+        assert [t for m in msgs for t in m[1]] == s.output_ids and msgs[-1][3] == s.finish
+        assert sum(1 for m in msgs if m[3]) == 1
+    assert got["eos"][-1][2].endswith("<2>")
+    assert not sched.has_work and sched.blocks.num_free == sched.blocks.total_blocks
+
+
+def test_an_abort_carries_the_tokens_not_yet_streamed():
+    sched = Scheduler(BlockManager(num_blocks=64, block_size=4), decode_batch_sizes=[1, 2], prefill_shapes=[(2, 8)],
+                      max_steps=1, stream_steps=1, join_steps=1, max_inflight=1, stream_interval=4)
+    s = text_seq("a", max_tokens=100, ignore_eos=True)
+    got = run_one_step_calls(sched, [s], lambda i, call: 60 + call, calls=3)
+    sent = [t for m in got["a"] for t in m[1]]
+    assert sent != s.output_ids  # some tokens wait for the next message
+    delta = s.abort("gone")
+    assert sent + delta.token_ids == s.output_ids and delta.finish == Finish.ABORT and delta.text
+    sched.remove(s)
+    assert sched.blocks.num_free == sched.blocks.total_blocks and s.counters is None
+
+
+def test_rows_that_may_end_take_their_tokens_one_by_one_in_a_multi_step_call():
+    """In one 4-step call: a row that samples EOS at step 2, one that reaches max_tokens at step 3, one with a
+    stop id it may not stop on yet (min_tokens), one that cannot end: each keeps exactly the tokens it would have
+    kept one step at a time."""
+    sched = Scheduler(BlockManager(num_blocks=64, block_size=4), decode_batch_sizes=[1, 2, 4], prefill_shapes=[(4, 8)],
+                      max_steps=4, stream_steps=4, join_steps=4, max_inflight=1)
+    eos = text_seq("eos", max_tokens=50)
+    length = text_seq("length", max_tokens=4, ignore_eos=True)
+    early = text_seq("min", max_tokens=50, min_tokens=4, stop_token_ids=frozenset({7}))
+    plain = text_seq("plain", max_tokens=50, ignore_eos=True)
+    seqs = [eos, length, early, plain]
+    for s in seqs:
+        sched.add(s)
+    finish_step(sched, sched.schedule(), token=5)  # prefill: one token each
+    batch = sched.schedule()
+    assert batch.num_steps == 4 and batch.seqs == seqs
+    sampled = np.array([[5, 2, 6, 6], [5, 5, 5, 5], [7, 7, 7, 8], [2, 2, 2, 2]], np.int32)
+    out = dict((s.request_id, d) for s, d in sched.postprocess(batch, sampled))
+    assert eos.output_ids == [5, 5, 2] and eos.finish == Finish.STOP
+    assert length.output_ids == [5, 5, 5, 5] and length.finish == Finish.LENGTH
+    assert early.output_ids == [5, 7, 7, 7] and early.finish == Finish.STOP and early.stop_reason == "7"
+    assert plain.output_ids == [5, 2, 2, 2, 2] and plain.finish == Finish.NONE
+    assert out["plain"].token_ids == [2, 2, 2, 2] and out["plain"].text == "<2><2><2><2>"
+    assert out["eos"].token_ids == [5, 2] and out["eos"].finish == Finish.STOP
+    assert sched.running == [plain] and plain.num_computed == len(plain.tokens) - 1
+
+
+def test_counters_move_into_the_scheduler_and_back():
+    """Counters live in the scheduler's arrays while it holds a sequence (growing past their first capacity) and
+    in the sequence before and after."""
+    sched = Scheduler(BlockManager(num_blocks=1024, block_size=4), decode_batch_sizes=[1, 2, 4],
+                      prefill_shapes=[(4, 8)], max_steps=1)
+    seqs = [seq(3, rid=str(i)) for i in range(150)]
+    seqs[0].num_computed = 2
+    for s in seqs:
+        sched.add(s)
+    assert seqs[0].counters is sched.counters and seqs[0].num_computed == 2
+    assert len({s.row for s in seqs}) == 150 and sched.counters.state.shape[1] >= 150
+    seqs[149].inflight_calls = 3
+    assert seqs[149].inflight_calls == 3 and sched.counters.inflight_calls[seqs[149].row] == 3
+    seqs[149].inflight_calls = 0
+    for s in seqs:
+        sched.remove(s)
+    assert all(s.counters is None and s.row == -1 for s in seqs) and seqs[0].num_computed == 2
+
+
+def test_encode_batch_serializes_every_row_and_table():
+    """encode_batch's bytes (the block tables appended as a raw field) parse to the call as planned."""
+    from scheduler_svc.engine import encode_batch
+    from tinyvllm.v1 import worker_pb2
+
+    sched = Scheduler(BlockManager(num_blocks=64, block_size=4), decode_batch_sizes=[1, 2, 4], prefill_shapes=[(4, 8)],
+                      max_steps=2, stream_steps=2, join_steps=2)
+    seqs = [text_seq("a", 7, max_tokens=20, temperature=0.5, seed=3), text_seq("b", 2, max_tokens=20, top_k=5),
+            text_seq("c", 2, max_tokens=20, temperature=0.0)]
+    for s in seqs:
+        sched.add(s)
+    finish_step(sched, sched.schedule())
+    batch = sched.schedule()
+    request = worker_pb2.ExecuteRequest.FromString(encode_batch(batch, 6, "me"))
+    assert (request.rows, request.tokens, request.num_steps, request.instance_id) == (4, 1, 2, "me")
+    tables = np.frombuffer(request.block_tables, np.int32).reshape(4, 6)
+    for i, s in enumerate(seqs):
+        ids = list(s.blocks.block_ids)
+        assert tables[i, :len(ids)].tolist() == ids and not tables[i, len(ids):].any()
+    assert not tables[3:].any()
+    assert np.frombuffer(request.positions, np.int32).tolist() == [7, 2, 2, 0]
+    assert np.frombuffer(request.temperature, np.float32).tolist() == [0.5, 1.0, 0.0, 0.0]
+    assert np.frombuffer(request.top_k, np.int32).tolist() == [0, 5, 0, 0]
+    assert np.frombuffer(request.seeds, np.uint32).tolist() == [3, 0, 0, 0]
+    assert np.frombuffer(request.chunk_lens, np.int32).tolist() == [1, 1, 1, 0]
+    assert np.frombuffer(request.token_ids, np.int32).tolist() == [5, 5, 5, 0]
