@@ -441,17 +441,18 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> b
     columns[:, n:] = _PADDING_WORDS[:, None]
     rows = {name: columns[i] for i, name in enumerate(ROW_DTYPE.names)}
     # the block table's one home is the sequence's block list: each call's rows are built from it here
-    block_lists = list(map(_BLOCK_IDS, seqs))
     tables = np.zeros(B * table_width, np.int32)
     if n:
-        lengths = np.fromiter(map(len, block_lists), np.int64, n)
-        ids = np.frombuffer(b"".join(block_lists), np.int32)
+        lengths = batch.num_blocks
+        if lengths is None:
+            lengths = np.fromiter(map(len, map(_BLOCK_IDS, seqs)), np.int64, n)
+        ids = np.frombuffer(b"".join(map(_BLOCK_IDS, seqs)), np.int32)
         starts = np.cumsum(lengths) - lengths  # of each row's ids in `ids`
         tables[np.arange(len(ids)) + np.repeat(np.arange(n) * table_width - starts, lengths)] = ids
     fed = (np.asarray(batch.prev_rows) >= 0).any()
     request = worker_pb2.ExecuteRequest(
         rows=B, tokens=T, num_steps=batch.num_steps, token_ids=tokens.tobytes(),
-        positions=column(batch.positions, np.int32), chunk_lens=column(batch.chunk_lens, np.int32),
+        positions=column(batch.positions, np.int32), chunk_lens=column(batch.chunk_lens if T > 1 else 1, np.int32),
         temperature=rows["temperature"].tobytes(), top_p=rows["top_p"].tobytes(),
         top_k=rows["top_k"].tobytes(), seeds=rows["seed"].tobytes(), seeds_high=rows["seed_high"].tobytes(),
         counters=column(batch.counters, np.uint32),

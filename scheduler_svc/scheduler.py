@@ -93,6 +93,7 @@ class ScheduledBatch:
     sampling: np.ndarray | None = None
     num_tokens: np.ndarray | None = None
     state: np.ndarray | None = None
+    num_blocks: np.ndarray | None = None  # the rows' table lengths, known to a decode call once it has its blocks
 
     @property
     def is_prefill(self) -> bool:
@@ -360,12 +361,13 @@ class Scheduler:
         steps = max(1, min(self._call_steps(), int(left.max())))
         # positions written: planned_len - 1 ... planned_len + steps - 2, within the sequence's limit
         need = np.minimum(planned + (steps - 1), state[_MAX_LENGTH])
-        short = -(-need // self.blocks.block_size) - np.fromiter(map(len, map(_BLOCK_IDS, seqs)), np.int64,
-                                                                   len(seqs))
+        num_blocks = np.fromiter(map(len, map(_BLOCK_IDS, seqs)), np.int64, len(seqs))
+        short = -(-need // self.blocks.block_size) - num_blocks
         grow = np.flatnonzero(short > 0)
         if grow.size:  # rows entering a new block (one in block_size per step)
             if int(short[grow].sum()) <= self.blocks.num_free:
                 self.blocks.grow_all([seqs[i].blocks for i in grow.tolist()], need[grow].tolist())
+                num_blocks[grow] += short[grow]
             else:  # not enough for all: oldest first, preempting the youngest
                 ready = self._grow_in_order(seqs, need.tolist())
                 if not ready:
@@ -373,9 +375,10 @@ class Scheduler:
                 if len(ready) < len(seqs):
                     seqs = ready
                     rows, num_tokens, state = self._rows(seqs)
+                num_blocks = None
         batch = ScheduledBatch(seqs, next(b for b in self.decode_batch_sizes if b >= len(seqs)), 1, [1] * len(seqs),
                                num_steps=steps)
-        batch.row_ids, batch.num_tokens, batch.state = rows, num_tokens, state
+        batch.row_ids, batch.num_tokens, batch.state, batch.num_blocks = rows, num_tokens, state, num_blocks
         return batch
 
     def _rows(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
