@@ -2,12 +2,13 @@
 
 One step is what the scheduler process does for one worker call of one decode step: plan it (admission, block
 allocation, batch building), encode and serialize the ExecuteRequest, parse a response, apply the sampled tokens
-(postprocess: stop checks, block registration and hashing, detokenizing) and build and serialize every stream's
-GenerateResponse. The worker is replaced by a response of random token ids, so only host work is timed; the
-event loop and gRPC's own transport are not: `--serving` adds them (`measure_serving`: real gRPC streams against
-a worker process that answers at once), and on the 2-core machine they cost several times the rest (about 100 us
-of the scheduler's CPU per streamed message, most of it inside grpc.aio). Issue #9's bar: at most 1 ms per step
-with 256 running sequences.
+(postprocess: stop checks, block registration and hashing, detokenizing) and build and serialize the
+GenerateResponse of every stream the step sends to (all of them, or fewer with the scheduler's stream interval,
+which by default sends every 4 tokens at 256 running sequences). The worker is replaced by a response of random
+token ids, made outside the timed spans, so only host work is timed; the event loop and gRPC's own transport are
+not: `--serving` adds them (`measure_serving`: real gRPC streams against a worker process that answers at once),
+and on the 2-core machine they cost several times the rest (about 100 us of the scheduler's CPU per streamed
+message, most of it inside grpc.aio). Issue #9's bar: at most 1 ms per step with 256 running sequences.
 """
 from __future__ import annotations
 
@@ -52,19 +53,22 @@ def measure(tokenizer_model: bytes, running: int, steps: int = 300, prompt_len: 
         sched.add(Sequence(f"r{i}", prompt, sampling, max_length=10 ** 6,
                            detokenizer=IncrementalDetokenizer(tok, prompt), eos_ids=tok.eos_ids))
 
-    def step() -> tuple[bool, float, float]:
+    def step() -> tuple[bool, float, float, int]:
         t0, c0 = time.perf_counter(), time.thread_time()
         batch = sched.schedule()
         data = encode_batch(batch, width, "bench")
         assert data
+        t1, c1 = time.perf_counter(), time.thread_time()
+        # the worker (not timed): random ids, and for logprobs the chosen logprob, rank, 20 ids, 20 logprobs
         sampled = rng.choice(ordinary, (batch.rows, batch.num_steps)).astype(np.int32)
         lp = None
-        if batch.logprobs:  # chosen logprob, rank, 20 ids, 20 logprobs
+        if batch.logprobs:
             lp = -rng.random((batch.rows, batch.num_steps, 42)).astype(np.float32) * 10
             lp[..., 1] = rng.integers(1, 50, lp.shape[:2])
             lp[..., 2:22] = rng.choice(ordinary, (*lp.shape[:2], 20))
         raw = worker_pb2.ExecuteResponse(token_ids=sampled.tobytes(),
                                          logprobs=b"" if lp is None else lp.tobytes()).SerializeToString()
+        t2, c2 = time.perf_counter(), time.thread_time()
         response = worker_pb2.ExecuteResponse.FromString(raw)
         sampled = np.frombuffer(response.token_ids, np.int32).reshape(batch.rows, batch.num_steps)
         logprobs = (np.frombuffer(response.logprobs, np.float32).reshape(batch.rows, batch.num_steps, -1)
@@ -73,7 +77,8 @@ def measure(tokenizer_model: bytes, running: int, steps: int = 300, prompt_len: 
         for seq, delta in sched.postprocess(batch, sampled, logprobs):  # what the streams are sent now
             response_message(seq, delta, tok.texts).SerializeToString()
             messages += 1
-        return batch.is_prefill, time.perf_counter() - t0, time.thread_time() - c0, messages
+        t3, c3 = time.perf_counter(), time.thread_time()
+        return batch.is_prefill, t1 - t0 + t3 - t2, c1 - c0 + c3 - c2, messages
 
     while step()[0]:  # prefill every prompt first
         pass

@@ -143,6 +143,8 @@ class Scheduler:
         self.call_base = call_base  # call indices are call_base + 1, + 2, ...: distinct per scheduler session
         self.num_preemptions = 0
         self._finished_inflight: set[Sequence] = set()  # finished while a call in flight had a row for them
+        # the running list as a call's own (never changed) list, and its Counters rows; None after any change
+        self._snapshot: tuple[list[Sequence], np.ndarray] | None = None
 
     @property
     def has_work(self) -> bool:
@@ -174,6 +176,7 @@ class Scheduler:
             return
         if seq in self.running:
             self.running.remove(seq)
+            self._snapshot = None
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
@@ -274,6 +277,7 @@ class Scheduler:
             if seq.sampling.needs_slot and not seq.slot:
                 seq.slot, seq.slot_ready = self.free_slots.pop(), False
             self.running.append(seq)
+            self._snapshot = None
 
     def _blocks_reserved(self) -> int:
         """Blocks that running sequences still in prefill need for their next chunk: admitted, not grown yet."""
@@ -337,12 +341,15 @@ class Scheduler:
         """One decode call of every running sequence with exactly its newest token pending and tokens left to plan
         for, each given blocks for the call's steps. Vectorized over the sequences; when blocks run out, the
         sequential `_grow_in_order` decides who is preempted."""
-        seqs = list(self.running)  # the call's own list: the running list changes while it is in flight
+        if self._snapshot is None:  # (a call's own list: the running list changes while it is in flight)
+            self._snapshot = (list(self.running), np.fromiter(map(_ROW, self.running), np.int64, len(self.running)))
+        seqs, rows = self._snapshot
         if self._draining:
             seqs = [s for s in seqs if s not in self._draining]  # to be preempted once their calls return
+            rows = None
         if not seqs:
             return None
-        rows, num_tokens, state = self._rows(seqs)
+        rows, num_tokens, state = self._rows(seqs, rows)
         planned = num_tokens + state[_INFLIGHT_TOKENS]  # Sequence.planned_len
         left = state[_MAX_NEW] + state[_PROMPT] - planned  # tokens no call plans for yet
         chosen = (planned - state[_COMPUTED] - state[_INFLIGHT_COMPUTED] == 1) & (left > 0)
@@ -381,10 +388,11 @@ class Scheduler:
         batch.row_ids, batch.num_tokens, batch.state, batch.num_blocks = rows, num_tokens, state, num_blocks
         return batch
 
-    def _rows(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _rows(self, seqs: list[Sequence], rows: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """The sequences' Counters rows, token counts and counters (Counters.state[:, rows])."""
         n = len(seqs)
-        rows = np.fromiter(map(_ROW, seqs), np.int64, n)
+        if rows is None:
+            rows = np.fromiter(map(_ROW, seqs), np.int64, n)
         return rows, np.fromiter(map(len, map(_TOKENS, seqs)), np.int64, n), self.counters.state[:, rows]
 
     def _grow_in_order(self, seqs: list[Sequence], need: list[int]) -> list[Sequence]:
@@ -425,6 +433,7 @@ class Scheduler:
 
     def _preempt(self, victim: Sequence) -> None:
         self.running.remove(victim)
+        self._snapshot = None
         self._requeue(victim)
         self.num_preemptions += 1
         log.info("preempted %s (%d tokens) to free KV blocks", victim.request_id, len(victim.tokens))
@@ -445,6 +454,7 @@ class Scheduler:
         for seq in reversed(self.running):
             self._requeue(seq)
         self.running.clear()
+        self._snapshot = None
 
     def _requeue(self, seq: Sequence) -> None:
         """Back to the queue (ahead of later arrivals of its priority) holding no blocks nor slot; its tokens are
@@ -554,7 +564,10 @@ class Scheduler:
         them)."""
         assert self.inflight and self.inflight[0] is batch, "results must be applied in the order of the calls"
         self.inflight.popleft()
-        sorted_logprobs = _SortedLogprobs(logprobs) if logprobs is not None else None
+        sorted_logprobs = None
+        if logprobs is not None:  # Counters.logprobs is 1 + the alternatives asked for
+            asked = self.counters.state[_LOGPROBS, batch.row_ids] if batch.row_ids is not None else [21]
+            sorted_logprobs = _SortedLogprobs(logprobs, max(1, int(np.max(asked)) - 1))
         if batch.is_prefill:
             return self._postprocess_prefill(batch, sampled, sorted_logprobs, prompt_logprobs)
         return self._postprocess_decode(batch, sampled, sorted_logprobs)
@@ -658,13 +671,10 @@ class Scheduler:
         stream = live & (((num_tokens - state[_PROMPT] + rows) // k > (done_before + rows) // k) | (done_before == 0))
         if finished:
             stream[finished] = True
-        out: list[tuple[Sequence, Delta]] = []
-        for i in np.flatnonzero(stream).tolist():
-            seq = seqs[i]
-            if (delta := seq.take_delta()) is not None:
-                out.append((seq, delta))
-            if seq.finish:
-                self.remove(seq)
+        streamed = list(map(seqs.__getitem__, np.flatnonzero(stream).tolist()))
+        out = [(seq, delta) for seq, delta in zip(streamed, map(Sequence.take_delta, streamed)) if delta is not None]
+        for i in finished:
+            self.remove(seqs[i])
         return out
 
     def discard(self, batch: ScheduledBatch) -> None:
@@ -684,10 +694,11 @@ class _SortedLogprobs:
     rank, then K ids and their K logprobs in no order. Sorted for the whole call at once (most likely first,
     ties: lower id first) and converted to Python once, not per row."""
 
-    def __init__(self, raw: np.ndarray):
+    def __init__(self, raw: np.ndarray, k: int):
+        """k: the most alternatives any row asked for (only those are converted)."""
         K = (raw.shape[-1] - 2) // 2
         ids, values = raw[..., 2:2 + K].astype(np.int64), raw[..., 2 + K:]
-        order = np.lexsort((ids, -values), axis=-1)
+        order = np.lexsort((ids, -values), axis=-1)[..., :k]
         self.chosen = raw[..., :2].tolist()
         self.ids = np.take_along_axis(ids, order, -1).tolist()
         self.values = np.take_along_axis(values, order, -1).tolist()
@@ -707,5 +718,5 @@ def _add_prompt_logprobs(seq: Sequence, start: int, raw: np.ndarray) -> None:
     end = min(start + len(raw), len(seq.prompt_ids) - 1)  # last prompt token covered
     if end < first:
         return
-    rows = raw[first - start - 1:end - start][None]
-    seq.prompt_logprobs += _SortedLogprobs(rows).row(0, seq.prompt_ids[first:end + 1], seq.sampling.prompt_logprobs)
+    rows, k = raw[first - start - 1:end - start][None], seq.sampling.prompt_logprobs
+    seq.prompt_logprobs += _SortedLogprobs(rows, k).row(0, seq.prompt_ids[first:end + 1], k)

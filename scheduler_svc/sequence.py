@@ -110,7 +110,8 @@ class Counters:
     is also an attribute here (a view: `counters.num_computed[row]`) and has its index (`Counters.NUM_COMPUTED`).
 
     Also a copy of the immutable per-sequence values the vectorized steps read (prompt length, token limits, and
-    whether the sequence needs the per-token path: stop strings, logprobs, min_tokens)."""
+    whether the sequence needs the per-token path: stop strings, logprobs, min_tokens; logprobs: 1 + the
+    alternatives it asks for, 0 if none)."""
 
     NAMES = ("num_computed", "inflight_tokens", "inflight_computed", "inflight_calls", "feed_call", "feed_row",
              "slot", "slot_ready")
@@ -145,7 +146,7 @@ class Counters:
         self.num_prompt[row], self.max_new[row], self.max_length[row] = \
             len(seq.prompt_ids), seq.max_new_tokens, seq.max_length
         self.per_token[row] = bool(sampling.stop or sampling.logprobs is not None or sampling.min_tokens)
-        self.logprobs[row] = sampling.logprobs is not None
+        self.logprobs[row] = 0 if sampling.logprobs is None else 1 + sampling.logprobs
         self.sampling[row] = np.frombuffer(sampling.row, np.uint32)
         if seq.end_ids not in self._end_sets:
             self._end_ids = None
