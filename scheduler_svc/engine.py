@@ -443,10 +443,11 @@ def encode_batch(batch: ScheduledBatch, table_width: int, instance_id: str) -> b
     # the block table's one home is the sequence's block list: each call's rows are built from it here
     tables = np.zeros(B * table_width, np.int32)
     if n:
-        lengths = batch.num_blocks
-        if lengths is None:
-            lengths = np.fromiter(map(len, map(_BLOCK_IDS, seqs)), np.int64, n)
-        ids = np.frombuffer(b"".join(map(_BLOCK_IDS, seqs)), np.int32)
+        block_lists, lengths = batch.block_lists, batch.num_blocks
+        if block_lists is None:
+            block_lists = list(map(_BLOCK_IDS, seqs))
+            lengths = np.fromiter(map(len, block_lists), np.int64, n)
+        ids = np.frombuffer(b"".join(block_lists), np.int32)
         starts = np.cumsum(lengths) - lengths  # of each row's ids in `ids`
         tables[np.arange(len(ids)) + np.repeat(np.arange(n) * table_width - starts, lengths)] = ids
     fed = (np.asarray(batch.prev_rows) >= 0).any()

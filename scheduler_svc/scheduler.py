@@ -93,7 +93,9 @@ class ScheduledBatch:
     sampling: np.ndarray | None = None
     num_tokens: np.ndarray | None = None
     state: np.ndarray | None = None
-    num_blocks: np.ndarray | None = None  # the rows' table lengths, known to a decode call once it has its blocks
+    # a decode call's block tables (each sequence's BlockTable.block_ids, the arrays themselves) and their lengths
+    block_lists: list | None = None
+    num_blocks: np.ndarray | None = None
 
     @property
     def is_prefill(self) -> bool:
@@ -352,7 +354,9 @@ class Scheduler:
         rows, num_tokens, state = self._rows(seqs, rows)
         planned = num_tokens + state[_INFLIGHT_TOKENS]  # Sequence.planned_len
         left = state[_MAX_NEW] + state[_PROMPT] - planned  # tokens no call plans for yet
-        chosen = (planned - state[_COMPUTED] - state[_INFLIGHT_COMPUTED] == 1) & (left > 0)
+        chosen = left > 0
+        if self._maybe_prefill:  # else every running sequence has exactly its newest token pending
+            chosen &= planned - state[_COMPUTED] - state[_INFLIGHT_COMPUTED] == 1
         if not chosen.all():
             index = np.flatnonzero(chosen)[:self.max_batched_tokens]
             if not index.size:
@@ -368,7 +372,8 @@ class Scheduler:
         steps = max(1, min(self._call_steps(), int(left.max())))
         # positions written: planned_len - 1 ... planned_len + steps - 2, within the sequence's limit
         need = np.minimum(planned + (steps - 1), state[_MAX_LENGTH])
-        num_blocks = np.fromiter(map(len, map(_BLOCK_IDS, seqs)), np.int64, len(seqs))
+        block_lists = list(map(_BLOCK_IDS, seqs))
+        num_blocks = np.fromiter(map(len, block_lists), np.int64, len(seqs))
         short = -(-need // self.blocks.block_size) - num_blocks
         grow = np.flatnonzero(short > 0)
         if grow.size:  # rows entering a new block (one in block_size per step)
@@ -382,10 +387,11 @@ class Scheduler:
                 if len(ready) < len(seqs):
                     seqs = ready
                     rows, num_tokens, state = self._rows(seqs)
-                num_blocks = None
+                block_lists = num_blocks = None
         batch = ScheduledBatch(seqs, next(b for b in self.decode_batch_sizes if b >= len(seqs)), 1, [1] * len(seqs),
                                num_steps=steps)
-        batch.row_ids, batch.num_tokens, batch.state, batch.num_blocks = rows, num_tokens, state, num_blocks
+        batch.row_ids, batch.num_tokens, batch.state = rows, num_tokens, state
+        batch.block_lists, batch.num_blocks = block_lists, num_blocks
         return batch
 
     def _rows(self, seqs: list[Sequence], rows: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
