@@ -15,6 +15,7 @@ import time
 
 def main() -> None:
     from worker_svc.buckets import DEFAULT_DECODE_BATCH_SIZES, DEFAULT_PREFILL_SHAPES, format_int_list, format_shapes
+    from worker_svc.tuning import LARGE_BYTES
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", choices=["demo", "tinyllama"], default="tinyllama")
@@ -22,7 +23,8 @@ def main() -> None:
     ap.add_argument("--decode-batch-sizes", default=format_int_list(DEFAULT_DECODE_BATCH_SIZES))
     ap.add_argument("--prefill-shapes", default=format_shapes(DEFAULT_PREFILL_SHAPES))
     ap.add_argument("--beam", type=int, default=2, help="BEAM width: 2 searched a TinyLlama bucket in about 4 min on an H200")
-    ap.add_argument("--min-mb", type=float, default=4.0, help="search only kernels touching at least this much")
+    ap.add_argument("--min-mb", type=float, default=LARGE_BYTES / 1e6,
+                    help="search only kernels touching at least this much")
     ap.add_argument("--out", default="", help="default: tuning/<DEV>.json (entries already there are kept)")
     ap.add_argument("--worker-args", default="", help="as the worker will be started, e.g. '--kv-cache-gb 8'")
     args = ap.parse_args()

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 ENV = "TINYVLLM_TUNING"
 TUNING_DIR = pathlib.Path(__file__).resolve().parent.parent / "tuning"
 FORMAT = 1
-LARGE_BYTES = 4_000_000  # kernels this large are worth a table entry (`make tune`'s default --min-mb 4)
+LARGE_BYTES = 4_000_000  # kernels this large are worth a table entry (`make tune`'s default --min-mb)
 
 
 class TuningTable:
@@ -113,7 +113,9 @@ def _apply_opts(original, ast, ren, beam: int = 0):
         beam = 0  # small kernel: not worth a search
     out = original(ast, ren, beam)
     if large:
-        table.large_misses.append(f"{out.arg.name} ({key[:12]})")
+        from tinygrad.helpers import ansistrip
+
+        table.large_misses.append(f"{ansistrip(out.arg.name)} ({key[:12]})")
     if beam and _record_min_bytes is not None:
         table.entries[key] = [opt_to_json(o) for o in out.arg.applied_opts]
     return out
