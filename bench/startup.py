@@ -157,7 +157,9 @@ def print_report(report: dict, verbose: bool) -> None:
           f"(runner set-up {report['setup_s']:.2f} s); "
           f"split: {fmt(report['split'])}; tuning table hits {report['tuning_hits']}, misses {report['tuning_misses']}")
     if report["tuning_large_misses"]:
-        print(f"large kernels (4 MB or more) the tuning table lacks, so they run on tinygrad's heuristics "
+        from worker_svc.tuning import LARGE_BYTES
+
+        print(f"large kernels ({LARGE_BYTES / 1e6:g} MB or more) the tuning table lacks, so they run on tinygrad's heuristics "
               f"(`make tune` searches them): {', '.join(report['tuning_large_misses'])}")
     if report["cache"] is not None:
         print("capture cache: " + ", ".join(f"{k} {v}" for k, v in report["cache"].items()))
