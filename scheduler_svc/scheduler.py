@@ -206,7 +206,7 @@ class Scheduler:
             prefill = None
             if self._maybe_prefill and self.running:
                 running = self.running
-                prefill = [running[i] for i in np.flatnonzero(self._progress(running)[3] > 1).tolist()]
+                prefill = [running[i] for i in np.flatnonzero(self._pending(running) > 1).tolist()]
             self._maybe_prefill = bool(prefill)
             if prefill and self._draining:
                 prefill = [s for s in prefill if s not in self._draining]
@@ -220,14 +220,11 @@ class Scheduler:
                 return None
         return None
 
-    def _progress(self, seqs: list[Sequence]) -> tuple[np.ndarray, ...]:
-        """Counters rows, token counts, tokens in flight and tokens pending (Sequence.num_pending) of `seqs`, as
-        arrays: this runs over every running sequence at every step."""
-        c, n = self.counters, len(seqs)
-        rows = np.fromiter(map(_ROW, seqs), np.int64, n)
-        num_tokens = np.fromiter(map(len, map(_TOKENS, seqs)), np.int64, n)
-        inflight = c.inflight_tokens[rows]
-        return rows, num_tokens, inflight, num_tokens + inflight - c.num_computed[rows] - c.inflight_computed[rows]
+    def _pending(self, seqs: list[Sequence]) -> np.ndarray:
+        """Tokens pending (Sequence.num_pending) of each of `seqs`, as an array: this runs over every running
+        sequence at every step that may hold prefill work."""
+        _, num_tokens, state = self._rows(seqs)
+        return num_tokens + state[_INFLIGHT_TOKENS] - state[_COMPUTED] - state[_INFLIGHT_COMPUTED]
 
     def _call_steps(self) -> int:
         """Steps of the next decode call: join_steps while requests are arriving or an admitted one still waits
