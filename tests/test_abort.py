@@ -45,11 +45,13 @@ async def _one(stub, i: int, how: str, rng: random.Random) -> tuple[str, Result 
     message, when the server surely knows it), "cancel" (the client), "deadline"; "none" runs a short one."""
     request_id = f"mass-{i}-{uuid.uuid4().hex[:8]}"
     prompt = PROMPTS[i % len(PROMPTS)]
-    timeout = rng.uniform(0.05, 1.5) if how == "deadline" else 120
+    # cancel and deadline moments fall within a stream's life: 200 tokens took 0.9 s for a stream that ran alone
+    # at the end (a moment up to 1.5 s let a fast stream finish first, and end with "length")
+    timeout = rng.uniform(0.05, 0.75) if how == "deadline" else 120
     call = stub.Generate(pb.GenerateRequest(request_id=request_id, prompt=prompt,
                                             params=params(**(KW if how == "none" else LONG))), timeout=timeout)
     if how == "cancel":
-        asyncio.get_running_loop().call_later(rng.uniform(0, 1.5), call.cancel)
+        asyncio.get_running_loop().call_later(rng.uniform(0, 0.75), call.cancel)
     delay = rng.uniform(0, 0.2)  # 200 tokens took 0.9 s for a stream that ran alone at the end
     r = Result()
     try:
