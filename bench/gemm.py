@@ -12,20 +12,68 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 SHAPES = {"qkv": (2048, 2560), "o": (2048, 2048), "gate_up": (2048, 11264), "down": (5632, 2048)}  # (K, N)
 
 
-def product(x, w, split: int):
+def product(x, w, split):
     """The worker's projection (worker_svc.model.project: split > 1 sums that many partial products over K), or
-    with split 0 the transposed product (w @ x.T).T: the weight rows on the tensor core's M side."""
+    with split 0 the transposed product (w @ x.T).T: the weight rows on the tensor core's M side; or, for a
+    GemmPlan, the custom tensor-core kernel (worker_svc.tc_gemm)."""
     from worker_svc.model import project
+    from worker_svc.tc_gemm import GemmPlan, tc_project
 
+    if isinstance(split, GemmPlan):
+        return tc_project(x, w, split)
+    if split == -1:  # the worker's choice
+        from worker_svc.model import split_k_for_tensor_cores
+
+        split = split_k_for_tensor_cores(x.shape[0], x.shape[1], w.shape[0])
     return (w @ x.T).T if split == 0 else project(x, w, split)
 
 
-def time_variant(M: int, K: int, N: int, split: int, mats: int, reps: int, context: dict) -> float:
+def plan_candidates(M: int, K: int, N: int, warps: int = 4) -> list:
+    """Custom-kernel plans to sweep for one shape with `warps` warps a workgroup: every tile shape of up to 128
+    accumulators a lane and every split of K that fit it."""
+    from worker_svc.tc_gemm import GemmPlan
+
+    out = []
+    for m in ((1, 2, 4) if M <= 64 else (2, 4, 8)):
+        for n in ((1, 2, 4, 8) if M <= 16 else (2, 4, 8)):
+            for s in (1, 2, 4, 8):
+                plan = GemmPlan(m, n, warps, s)
+                # split only while the fp32 partials stay under 16 MB (beyond, the sum kernel costs more)
+                if 2 <= m * n <= 32 and (s == 1 or M * N * s <= 1 << 22) and plan.fits(M, K, N):
+                    out.append(plan)
+    return out
+
+
+def sweep_plans(M: int, K: int, N: int, mats: int, reps: int, plans: list | None = None) -> dict:
+    """Every candidate plan at 4 warps a workgroup, then the best two with 1, 2 and 8 warps: {plan: us}. With
+    `plans`, just those."""
+    from dataclasses import replace
+
+    from tinygrad import Tensor, dtypes
+
+    given = plans is not None
+    plans = plans if given else plan_candidates(M, K, N)
+    # compile every candidate in one realize: tinygrad lowers the kernels of one schedule in its process pool
+    x, w = Tensor.empty(M, K, dtype=dtypes.half), Tensor.empty(N, K, dtype=dtypes.half)
+    Tensor.realize(*[product(x, w, plan) for plan in plans])
+    times = {}
+    for plan in plans:
+        times[plan] = time_variant(M, K, N, plan, mats, reps, {})
+    for plan in ([] if given else sorted(times, key=times.get)[:2]):
+        for warps in (1, 2, 8):
+            other = replace(plan, warps=warps)
+            if other.fits(M, K, N) and other not in times:
+                times[other] = time_variant(M, K, N, other, mats, reps, {})
+    return times
+
+
+def time_variant(M: int, K: int, N: int, split, mats: int, reps: int, context: dict) -> float:
     """Microseconds per product: one captured graph of `mats` products on distinct weights (more bytes than the L2
     cache holds, as in a real step), replayed `reps` times. Each product's input depends on the previous product's
     output through one small elementwise kernel (included in the figure, as a norm or activation sits between a
@@ -63,6 +111,8 @@ def main() -> None:
     ap.add_argument("--splits", default="0,1,2,4,8,16", help="0: the transposed product")
     ap.add_argument("--notc", action="store_true", help="also time each split without tensor cores")
     ap.add_argument("--beam", type=int, default=0, help="also time the best split with BEAM=N")
+    ap.add_argument("--plans", action="store_true", help="also sweep the custom tensor-core kernel's plans")
+    ap.add_argument("--plans-from", default="", help="time only the best 3 plans of each row of this --out file")
     ap.add_argument("--mats", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default="")
@@ -71,6 +121,12 @@ def main() -> None:
 
     configure_environment(beam=0)
     results = []
+    earlier = {}
+    if args.plans_from:
+        from worker_svc.tc_gemm import GemmPlan
+
+        for row in json.load(open(args.plans_from)):
+            earlier[(row["shape"], row["M"])] = [GemmPlan(*map(int, re.findall(r"\d+", p))) for p in list(row.get("plans", {}))[:3]]
     for name in args.shapes.split(","):
         K, N = SHAPES[name]
         for M in map(int, args.rows.split(",")):
@@ -80,17 +136,22 @@ def main() -> None:
                 for label, ctx in variants:
                     us = time_variant(M, K, N, split, args.mats, args.reps, ctx)
                     row[f"{label}_s{split}"] = us
-            best = min((v, k) for k, v in row.items() if k.startswith(("tc_", "notc_")))
+            if args.plans or (name, M) in earlier:
+                times = sweep_plans(M, K, N, args.mats, args.reps, earlier.get((name, M)))
+                ranked = sorted(times, key=times.get)
+                row["plans"] = {str(p): round(times[p], 2) for p in ranked}
+                row[f"kern_{ranked[0]}"] = times[ranked[0]]
+            best = min((v, k) for k, v in row.items() if k.startswith(("tc_", "notc_", "kern_")))
             if args.beam:
                 split = int(best[1].split("_s")[1])
                 row[f"beam{args.beam}_s{split}"] = time_variant(M, K, N, split, args.mats, args.reps,
                                                                dict(BEAM=args.beam))
-                best = min((v, k) for k, v in row.items() if k.startswith(("tc_", "notc_", "beam")))
+                best = min((v, k) for k, v in row.items() if k.startswith(("tc_", "notc_", "kern_", "beam")))
             row["best"], row["best_us"] = best[1], best[0]
             row["best_gbs"] = N * K * 2 / (best[0] * 1e-6) / 1e9
             row["best_tflops"] = 2 * M * N * K / (best[0] * 1e-6) / 1e12
             results.append(row)
-            cells = "  ".join(f"{k}={v:.1f}" for k, v in row.items() if k.startswith(("tc_", "notc_", "beam")))
+            cells = "  ".join(f"{k}={v:.1f}" for k, v in row.items() if k.startswith(("tc_", "notc_", "kern_", "beam")))
             print(f"{name:>8} M={M:<5} {cells}  -> {row['best']} {row['best_us']:.1f} us, "
                   f"{row['best_gbs']:.0f} GB/s, {row['best_tflops']:.1f} TFLOP/s", flush=True)
     if args.out:

@@ -1,0 +1,113 @@
+"""Matrix products x (M, K) @ w (N, K).T on the GPU's tensor cores as one tinygrad custom kernel, fp16 in, fp32
+accumulate: the projections of decode batches of 16 rows and more and of every prefill.
+
+tinygrad's own tensor-core kernels load each mma operand with scattered 4-byte loads, so at 64 rows the batch's
+projections read their weights at 0.3-0.9 TB/s of the H200's 4.8. Here each lane loads 8 consecutive halves of
+a row at once, and K is permuted inside each 32-wide chunk so that those 8 values are exactly the lane's share of
+two mma instructions: an mma sums over its 16 k positions in any order, so any permutation applied to both
+operands alike gives the same product. Lane (g, t) of a warp (g = lane // 4, t = lane % 4) loads k = 8t .. 8t+7
+of the chunk for rows g and g + 8 of each 16-row A tile and for row g of each 8-row tile of W, and feeds
+positions 4s .. 4s+3 of those to the s-th mma (s = 0, 1) where the PTX layout of m16n8k16 expects logical k in
+{2t, 2t+1, 2t+8, 2t+9}.
+
+Work layout: a warp computes (16 m_tiles) x (8 n_tiles) outputs over K / split; `warps` warps of a workgroup take
+neighbouring column tiles of the same rows, so they read the same activations (from the L1 cache). With split > 1
+the kernel writes split partial products in fp32 and a second kernel sums them (split-K: more warps for few rows).
+Only the CUDA m16n8k16 fp16 layout is written; elsewhere (CPU, Metal) `tc_plan` returns None and the model keeps
+tinygrad's own products. tinygrad's PYTHON device emulates this layout (DEV=PYTHON::sm_80), which is how the CPU
+tests check the kernel against NumPy.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from tinygrad import Device, Tensor, UOp, dtypes
+from tinygrad.dtype import AddrSpace
+from tinygrad.uop.ops import AxisType, KernelInfo, Ops
+
+MMA = (8, 16, 16)  # tinygrad's (N, M, K) of PTX mma.m16n8k16
+CHUNK = 32         # K per loop iteration: two mma steps
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """One warp computes (16 * m_tiles) x (8 * n_tiles) outputs over K / split; `warps` warps per workgroup."""
+    m_tiles: int
+    n_tiles: int
+    warps: int
+    split: int
+
+    def fits(self, M: int, K: int, N: int) -> bool:
+        return (M % (16 * self.m_tiles) == 0 and N % (8 * self.n_tiles * self.warps) == 0
+                and K % (CHUNK * self.split) == 0)
+
+    def __str__(self) -> str:
+        return f"m{self.m_tiles}n{self.n_tiles}w{self.warps}s{self.split}"
+
+
+def supports(device: str) -> bool:
+    """Whether this device's renderer has the fp16 m16n8k16 tensor core this kernel is written for."""
+    tcs = getattr(Device[device].renderer, "tensor_cores", None) or []
+    return any(tc.dims == MMA and tc.dtype_in == dtypes.half and tc.dtype_out == dtypes.float for tc in tcs)
+
+
+def _gemm_kernel(out: UOp, x: UOp, w: UOp, plan: GemmPlan, device: str) -> UOp:
+    M, K = x.shape
+    N = w.shape[0]
+    TM, TN, WARPS, S = plan.m_tiles, plan.n_tiles, plan.warps, plan.split
+    Ks = K // S
+    zero = UOp.const(0, dtypes.weakint)
+    ids = iter(range(64))
+    nb = UOp.range(N // (8 * TN * WARPS), next(ids))
+    mb = UOp.range(M // (16 * TM), next(ids))
+    sp = UOp.range(S, next(ids)) if S > 1 else zero
+    # WARP ranges become threads like LOCAL ones but are never split (see paged_attention): lane is threadIdx.x
+    lane = UOp.range(32, next(ids), AxisType.WARP)
+    wp = UOp.range(WARPS, next(ids), AxisType.WARP) if WARPS > 1 else zero
+    outer = tuple(r for r in (nb, mb, sp, lane, wp) if r.op is Ops.RANGE)
+    g, t = lane // 4, lane % 4
+    n0, m0 = (nb * WARPS + wp) * (8 * TN), mb * (16 * TM)
+
+    acc = UOp.placeholder((TM * TN * 4,), dtypes.float, 0, addrspace=AddrSpace.REG)
+    acc = acc.after(UOp.group(*[acc.after(*outer)[i].store(0.0) for i in range(TM * TN * 4)]))
+    kk = UOp.range(Ks // CHUNK, next(ids), AxisType.REDUCE)
+    k0 = sp * Ks + kk * CHUNK + t * 8
+    # a[i][h][u]: row g + 8h of A tile i, k = k0 + u; b[j][u]: row g of W tile j
+    a = [[[x[m0 + i * 16 + h * 8 + g, k0 + u] for u in range(8)] for h in range(2)] for i in range(TM)]
+    b = [[w[n0 + j * 8 + g, k0 + u] for u in range(8)] for j in range(TN)]
+    c = [[UOp.stack(*[acc.after(kk)[(i * TN + j) * 4 + e] for e in range(4)]) for j in range(TN)] for i in range(TM)]
+    for s in range(2):
+        for i in range(TM):
+            # PTX A fragment element e: k bit 0 = e & 1, row + 8 if e & 2, k + 8 if e & 4
+            a_in = UOp.stack(*[a[i][(e >> 1) & 1][4 * s + ((e >> 2) & 1) * 2 + (e & 1)] for e in range(8)])
+            for j in range(TN):
+                b_in = UOp.stack(*[b[j][4 * s + e] for e in range(4)])  # B element e: k bit 0 = e & 1, k + 8 if e & 2
+                c[i][j] = UOp.wmma(a_in, b_in, c[i][j], MMA, device, 32)
+    done = UOp.group(*[acc[(i * TN + j) * 4 + e].store(c[i][j].index(e))
+                       for i in range(TM) for j in range(TN) for e in range(4)]).end(kk)
+    fin = acc.after(done)
+    stores = []
+    for i in range(TM):
+        for j in range(TN):
+            for e in range(4):  # C element e: column 2t + (e & 1), row g + 8 if e & 2
+                row, col = m0 + i * 16 + g + (e // 2) * 8, n0 + j * 8 + t * 2 + e % 2
+                dst = out[sp, row, col] if S > 1 else out[row, col]
+                stores.append(dst.store(fin[(i * TN + j) * 4 + e].cast(out.dtype)))
+    return UOp.group(*stores).end(*outer).sink(arg=KernelInfo(name=f"tc_gemm_{N}_{K}_{plan}", opts_to_apply=()))
+
+
+def tc_project(x: Tensor, w: Tensor, plan: GemmPlan) -> Tensor:
+    """x (..., K) @ w.T for w (N, K), both fp16: the result (..., N) in x's dtype."""
+    *lead, K = x.shape
+    N = w.shape[0]
+    M = 1
+    for d in lead: M *= d
+    assert plan.fits(M, K, N), f"{plan} does not fit {M}x{K}x{N}"
+    device = Device[x.device].renderer.target.device
+    shape = (plan.split, M, N) if plan.split > 1 else (M, N)
+    out = Tensor.empty(*shape, dtype=dtypes.float if plan.split > 1 else x.dtype, device=x.device)
+    out = out.custom_kernel(x.reshape(M, K), w, fxn=functools.partial(_gemm_kernel, plan=plan, device=device))[0]
+    if plan.split > 1:
+        out = out.sum(0).cast(x.dtype)
+    return out.reshape(*lead, N)
