@@ -154,9 +154,9 @@ def main() -> None:
             cells = "  ".join(f"{k}={v:.1f}" for k, v in row.items() if k.startswith(("tc_", "notc_", "kern_", "beam")))
             print(f"{name:>8} M={M:<5} {cells}  -> {row['best']} {row['best_us']:.1f} us, "
                   f"{row['best_gbs']:.0f} GB/s, {row['best_tflops']:.1f} TFLOP/s", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+            if args.out:  # after every row: a sweep cut short by a time limit keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
