@@ -30,3 +30,11 @@ def test_tinyllama_decode_step_kernel_count_on_cuda():
                                      "--prefill-shapes", "1x16", "--decode-only"))
     kernels, _ = found["1x1"]
     assert kernels <= MAX_KERNELS_TINYLLAMA_DECODE, f"{kernels} kernels per batch-1 decode step"
+
+
+def test_batches_run_the_custom_tensor_core_product_on_cuda():
+    """From 16 rows on, every projection and the LM head are worker_svc.tc_gemm's kernel when rendered for CUDA."""
+    found = counts(run_in_subprocess("NULL:CUDA:sm_90", "--shape", "demo", "--decode-batch-sizes", "16",
+                                     "--prefill-shapes", "1x16", "--decode-only"))
+    _, with_tensor_cores = found["16x1"]
+    assert with_tensor_cores == 2 * 4 + 1  # four projections in each of 2 layers, and the LM head

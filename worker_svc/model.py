@@ -15,6 +15,7 @@ from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 
 from shared.llama_config import LlamaConfig
+from worker_svc import tc_gemm
 from worker_svc.kv_cache import PagedKVCache
 from worker_svc.paged_attention import paged_decode_attention
 from worker_svc.weights import LlamaWeights
@@ -121,6 +122,9 @@ class LlamaModel:
         # split-K only where products run on tensor cores (CUDA, Metal); elsewhere a product stays one kernel
         self.split_k: Callable[[int, int, int], int] = (
             split_k_for_tensor_cores if Device[device].renderer.tensor_cores else (lambda rows, K, N: 1))
+        # the custom tensor-core kernel where the device has its layout (CUDA); None: tinygrad's own product
+        self.gemm_plan: Callable[[int, int, int], tc_gemm.GemmPlan | None] = (
+            tc_gemm.plan_for if tc_gemm.supports(device) else (lambda rows, K, N: None))
         freqs = np.outer(np.arange(max_context, dtype=np.float64), np.array(config.rope_inv_freq(), dtype=np.float64))
         self.rope_cos = Tensor(np.cos(freqs).astype(np.float32), device=device).realize()
         self.rope_sin = Tensor(np.sin(freqs).astype(np.float32), device=device).realize()
@@ -152,12 +156,9 @@ class LlamaModel:
                                          queries_per_table=T)
             return dense(out.reshape(B, T, q_dim))
 
-        def proj(h: Tensor, weight: Tensor) -> Tensor:
-            return project(h, weight, self.split_k(B * T, weight.shape[1], weight.shape[0]))
-
         def norm_proj(x: Tensor, norm_weight: Tensor, weight: Tensor) -> Tensor:
             if many:
-                return proj(rms_norm(x, norm_weight, cfg.rms_norm_eps, materialize=True), weight)
+                return self.project(rms_norm(x, norm_weight, cfg.rms_norm_eps, materialize=True), weight)
             return norm_project(x, norm_weight, weight, cfg.rms_norm_eps)
 
         for i, layer in enumerate(w.layers):
@@ -165,11 +166,21 @@ class LlamaModel:
             pool = self.cache.write(i, qkv.reshape(B * T, -1), q_dim, self.rope_cos, self.rope_sin, flat_positions,
                                     flat_slots)
             attn = attention(qkv, pool)  # (B, T, q_dim) in the weights' dtype, ready for the output projection
-            x = x + proj(attn, layer.wo).float()
+            x = x + self.project(attn, layer.wo).float()
 
             gate, up = norm_proj(x, layer.mlp_norm, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + proj(dense(gate.silu() * up), layer.w_down).float()
+            x = x + self.project(dense(gate.silu() * up), layer.w_down).float()
         return x
+
+    def project(self, h: Tensor, weight: Tensor, split: bool = True) -> Tensor:
+        """h (..., K) @ weight.T for 16 rows and more: the custom tensor-core kernel (worker_svc.tc_gemm) where the
+        device and dtypes allow and a plan fits, else tinygrad's product (split over K on devices with tensor
+        cores, unless `split` is off)."""
+        rows, (N, K) = math.prod(h.shape[:-1]), weight.shape
+        plan = self.gemm_plan(rows, K, N) if h.dtype == weight.dtype == dtypes.half else None
+        if plan is not None:
+            return tc_gemm.tc_project(h, weight, plan)
+        return project(h, weight, self.split_k(rows, K, N) if split else 1)
 
     def logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
                num_blocks: UOp | int, last_index: Tensor | None = None) -> Tensor:
@@ -191,7 +202,7 @@ class LlamaModel:
         w, eps = self.weights, self.config.rms_norm_eps
         if B < 16:
             return norm_project(last, w.norm, w.lm_head, eps).float()
-        return (rms_norm(last, w.norm, eps, materialize=True) @ w.lm_head.T).float()
+        return self.project(rms_norm(last, w.norm, eps, materialize=True), w.lm_head, split=False).float()
 
     def all_logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits (B, T, V) of every position of the residual stream (B, T, D): what prompt logprobs read."""
