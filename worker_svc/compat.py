@@ -161,7 +161,7 @@ def configure_environment(beam: int = 0) -> None:
     os.environ.setdefault("JIT_BATCH_SIZE", "0")
     # 16-byte loads of fp16 data on CUDA (tinygrad stops at 8 bytes by default; Metal has no 8-wide half vector):
     # the tensor-core products (worker_svc.tc_gemm) load each lane's operands 8 halves at a time. On the H200
-    # they ran 5-70% faster this way (bench/results/h200-gemm-plans-2026-11-28.log)
+    # their best plans ran about 40% faster this way at the median (bench/results/h200-gemm-plans-*2026-11-28.log)
     if os.environ.get("DEV", "").split(":")[0] in ("CUDA", "NV"):
         os.environ.setdefault("ALLOW_HALF8", "1")
     if beam:
