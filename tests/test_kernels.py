@@ -38,3 +38,13 @@ def test_batches_run_the_custom_tensor_core_product_on_cuda():
                                      "--prefill-shapes", "1x16", "--decode-only"))
     _, with_tensor_cores = found["16x1"]
     assert with_tensor_cores == 2 * 4 + 1  # four projections in each of 2 layers, and the LM head
+
+
+def test_batch1_step_renders_for_metal_with_the_one_row_kernels():
+    """worker_svc.gemv's kernels (8-byte loads there: Metal has no 8-wide half vector) at the TinyLlama shape."""
+    out = run_in_subprocess("NULL:METAL", "--shape", "tinyllama", "--decode-batch-sizes", "1", "--prefill-shapes",
+                            "1x16", "--decode-only", "-v")
+    assert counts(out)["1x1"][0] <= MAX_KERNELS_TINYLLAMA_DECODE
+    for name in ("gemv_2560_2048_norm", "gemv_2048_2048_res", "gemv_11264_2048_norm", "gemv_2048_5632_swiglu_res",
+                 "gemv_32000_2048_norm"):
+        assert name in out, f"{name} missing from the batch-1 step"

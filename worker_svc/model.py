@@ -15,7 +15,7 @@ from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 
 from shared.llama_config import LlamaConfig
-from worker_svc import tc_gemm
+from worker_svc import gemv, tc_gemm
 from worker_svc.kv_cache import PagedKVCache
 from worker_svc.paged_attention import paged_decode_attention
 from worker_svc.weights import LlamaWeights
@@ -125,6 +125,8 @@ class LlamaModel:
         # the custom tensor-core kernel where the device has its layout (CUDA); None: tinygrad's own product
         self.gemm_plan: Callable[[int, int, int], tc_gemm.GemmPlan | None] = (
             tc_gemm.plan_for if tc_gemm.supports(device) else (lambda rows, K, N: None))
+        # one row (batch-1 decode): worker_svc.gemv's kernels where the device has local memory (GPUs)
+        self.has_local = bool(Device[device].renderer.has_local)
         freqs = np.outer(np.arange(max_context, dtype=np.float64), np.array(config.rope_inv_freq(), dtype=np.float64))
         self.rope_cos = Tensor(np.cos(freqs).astype(np.float32), device=device).realize()
         self.rope_sin = Tensor(np.sin(freqs).astype(np.float32), device=device).realize()
@@ -161,6 +163,21 @@ class LlamaModel:
                 return self.project(rms_norm(x, norm_weight, cfg.rms_norm_eps, materialize=True), weight)
             return norm_project(x, norm_weight, weight, cfg.rms_norm_eps)
 
+        # one row: each product is a worker_svc.gemv kernel with the norm before it, or the SwiGLU before and the
+        # residual add after it, fused in (the same 6 kernels a layer as norm_project's path, faster products)
+        if B * T == 1 and self.gemv_fits():
+            eps, D = cfg.rms_norm_eps, x.shape[-1]
+            x = x.reshape(D)
+            for i, layer in enumerate(w.layers):
+                qkv = gemv.gemv(x, layer.wqkv, self.gemv_plan(layer.wqkv), norm=(layer.attn_norm, eps))
+                pool = self.cache.write(i, qkv.reshape(1, -1), q_dim, self.rope_cos, self.rope_sin, flat_positions,
+                                        flat_slots)
+                attn = attention(qkv, pool).reshape(q_dim)
+                x = gemv.gemv(attn, layer.wo, self.gemv_plan(layer.wo), residual=x)
+                gate_up = gemv.gemv(x, layer.w_gate_up, self.gemv_plan(layer.w_gate_up), norm=(layer.mlp_norm, eps))
+                x = gemv.gemv(gate_up, layer.w_down, self.gemv_plan(layer.w_down), swiglu=True, residual=x)
+            return x.reshape(B, T, D)
+
         for i, layer in enumerate(w.layers):
             qkv = norm_proj(x, layer.attn_norm, layer.wqkv)
             pool = self.cache.write(i, qkv.reshape(B * T, -1), q_dim, self.rope_cos, self.rope_sin, flat_positions,
@@ -171,6 +188,17 @@ class LlamaModel:
             gate, up = norm_proj(x, layer.mlp_norm, layer.w_gate_up).chunk(2, dim=-1)
             x = x + self.project(dense(gate.silu() * up), layer.w_down).float()
         return x
+
+    def gemv_plan(self, weight: Tensor) -> gemv.GemvPlan | None:
+        """worker_svc.gemv's plan for a one-row product with this (N, K) weight; None on devices without local
+        memory or where its chunks do not fit K."""
+        return gemv.plan_for(*weight.shape, lanes=gemv.lanes_for(weight.device)) if self.has_local else None
+
+    def gemv_fits(self) -> bool:
+        """Whether every product of a one-row step (and the LM head) has a gemv plan."""
+        layer = self.weights.layers[0]
+        return all(self.gemv_plan(t) is not None
+                   for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down, self.weights.lm_head))
 
     def project(self, h: Tensor, weight: Tensor, split: bool = True) -> Tensor:
         """h (..., K) @ weight.T for 16 rows and more: the custom tensor-core kernel (worker_svc.tc_gemm) where the
@@ -200,6 +228,8 @@ class LlamaModel:
             # projection into this reduction (the 16x128 prefill went from 42 to 93 ms on the H200)
             last = pick.reshape(B, T, 1).where(hidden.contiguous(), 0).sum(1)
         w, eps = self.weights, self.config.rms_norm_eps
+        if B == 1 and self.gemv_fits():
+            return gemv.gemv(last.reshape(D), w.lm_head, self.gemv_plan(w.lm_head), norm=(w.norm, eps)).reshape(1, -1).float()
         if B < 16:
             return norm_project(last, w.norm, w.lm_head, eps).float()
         return self.project(rms_norm(last, w.norm, eps, materialize=True), w.lm_head, split=False).float()

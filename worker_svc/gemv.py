@@ -1,0 +1,132 @@
+"""Matrix-vector products of one row (a batch-1 decode step) as one custom kernel each, with what surrounds them
+fused in: the row's RMSNorm before the QKV and gate/up products, SwiGLU before the down product, the residual add
+after the O and down products.
+
+tinygrad's own matrix-vector kernels (and `model.norm_project`) read the weights at 0.5-1.6 TB/s of the H200's
+4.2-4.8: their lanes load 2-8 bytes at a time. Here all T = 32 * warps threads of a workgroup split K: thread t
+reads k = c * 8T + 8t .. 8t + 7 of each of the workgroup's `rows` weight rows (16 consecutive bytes per load; a
+warp's loads are 512 contiguous bytes), for c < K / 8T, and the T partial sums of each row are added in shared
+memory in two stages (each warp's 32, then the warps'). The input row's slice is read once per thread and serves
+all rows. On devices without local memory (CPU) the same code runs with one thread per workgroup.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from tinygrad import Device, Tensor, UOp, dtypes
+from tinygrad.dtype import AddrSpace, DType
+from tinygrad.uop.ops import AxisType, KernelInfo, Ops
+
+VEC = 8  # halves per thread and chunk: one 16-byte load
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    rows: int   # weight rows per workgroup
+    warps: int  # warps per workgroup (all of them split K)
+
+
+def plan_for(N: int, K: int, lanes: int = 32, rows: int = 4) -> GemvPlan | None:
+    """Up to 8 warps that split K into whole 16-byte chunks (11 for TinyLlama's K = 5632: 352 threads, two chunks
+    each), `rows` rows per workgroup. None where K is not a multiple of 8 * lanes or N of the rows."""
+    if K % (VEC * lanes) or N % rows:
+        return None
+    per_warp = K // (VEC * lanes)  # chunks of one warp's width in K
+    warps = max(w for w in range(1, 9) if per_warp % w == 0)
+    if warps < 4:  # a prime factor above 8 (5632 = 22 * 256): one chunk per thread pair with that many warps
+        warps = next((w for w in range(4, 33) if per_warp % w == 0 and (per_warp // w) <= 2), warps)
+    return GemvPlan(rows, warps)
+
+
+def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: int, norm_eps: float | None,
+                 swiglu: bool, residual: bool) -> UOp:
+    N, K = w.shape
+    local = lanes > 1
+    R, W = plan.rows, plan.warps if local else 1
+    T = W * lanes
+    C = K // (VEC * T)
+    f32, wi = dtypes.float, dtypes.weakint
+    extra = list(extra)
+    g = extra.pop(0) if norm_eps is not None else None
+    res = extra.pop(0) if residual else None
+    ids = iter(range(64))
+    zero = UOp.const(0, wi)
+
+    grp = UOp.range(N // R, next(ids))
+    lane = UOp.range(lanes, next(ids), AxisType.WARP) if local else zero
+    wp = UOp.range(W, next(ids), AxisType.WARP) if local and W > 1 else zero
+    t = wp * lanes + lane
+    outer = tuple(r for r in (grp, lane, wp) if r.op is Ops.RANGE)
+    V = R + (1 if g is not None else 0)  # sums per thread: one per row, and the input's sum of squares
+
+    acc = UOp.placeholder((V,), f32, 0, addrspace=AddrSpace.REG)
+    acc = acc.after(UOp.group(*[acc.after(*outer)[v].store(0.0) for v in range(V)]))
+    c = UOp.range(C, next(ids), AxisType.REDUCE) if C > 1 else zero
+    ks = [c * (VEC * T) + t * VEC + u for u in range(VEC)]
+    if swiglu:  # x holds gate then up: silu(gate) * up, in fp32
+        gates = [x[k].cast(f32) for k in ks]
+        xin = [gt / (1.0 + (-gt).exp()) * x[K + k].cast(f32) for gt, k in zip(gates, ks)]
+    else:
+        xs = [x[k].cast(f32) for k in ks]
+        xin = [xv * g[k].cast(f32) for xv, k in zip(xs, ks)] if g is not None else xs
+    part = [sum((xin[u] * w[grp * R + r, ks[u]].cast(f32) for u in range(1, VEC)), xin[0] * w[grp * R + r, ks[0]].cast(f32))
+            for r in range(R)]
+    if g is not None:
+        part.append(sum((xv * xv for xv in xs[1:]), xs[0] * xs[0]))
+    cur = acc.after(c) if C > 1 else acc
+    done = UOp.group(*[acc[v].store(cur[v] + part[v]) for v in range(V)])
+    done = done.end(c) if C > 1 else done
+    fin = acc.after(done)
+
+    if local:  # T partial sums per value -> 32 lanes' sums of each warp -> the warps' sum, in shared memory
+        red = UOp.placeholder((V * T,), f32, 1, addrspace=AddrSpace.LOCAL)
+        red = red.after(UOp.group(*[red[v * T + t].store(fin[v]) for v in range(V)]).barrier())
+        red2 = UOp.placeholder((V * W,), f32, 2, addrspace=AddrSpace.LOCAL)
+        ok = t < V * W
+        v2, j2 = t // W, t % W
+        s2 = sum((red[(v2 * T + j2 * lanes + i).valid(ok)] for i in range(1, lanes)), red[(v2 * T + j2 * lanes).valid(ok)])
+        red2 = red2.after(red2[(v2 * W + j2).valid(ok)].store(s2).barrier())
+
+        def total(v: UOp, gate: UOp | None) -> UOp:
+            idx = [v * W + j for j in range(W)]
+            return sum((red2[i.valid(gate) if gate is not None else i] for i in idx[1:]),
+                       red2[idx[0].valid(gate) if gate is not None else idx[0]])
+        rows_out = [(t, t < R)]  # thread t < R writes row t
+    else:
+        def total(v: UOp, gate: UOp | None) -> UOp:
+            return fin[v]
+        rows_out = [(UOp.const(r, wi), None) for r in range(R)]
+
+    stores = []
+    for r, gate in rows_out:
+        val = total(r, gate)
+        if g is not None:
+            val = val * (total(UOp.const(R, wi), None) * (1.0 / K) + norm_eps).rsqrt()
+        n = grp * R + r
+        if res is not None:
+            val = val + res[n.valid(gate) if gate is not None else n].cast(f32)
+        idx = n.valid(gate) if gate is not None else n
+        stores.append(out[idx].store(val.cast(out.dtype)))
+    name = f"gemv_{N}_{K}" + ("_norm" if g is not None else "") + ("_swiglu" if swiglu else "") + ("_res" if res is not None else "")
+    return UOp.group(*stores).end(*outer).sink(arg=KernelInfo(name=name, opts_to_apply=()))
+
+
+def lanes_for(device: str) -> int:
+    """Threads per warp of this kernel on the device: 32 on GPUs, 1 where there is no local memory (CPU)."""
+    return 32 if Device[device].renderer.has_local else 1
+
+
+def gemv(x: Tensor, w: Tensor, plan: GemvPlan, norm: tuple[Tensor, float] | None = None, swiglu: bool = False,
+         residual: Tensor | None = None, out_dtype: DType | None = None) -> Tensor:
+    """w (N, K) @ f(x) for one row x: (K,) (or (2K,) of gate then up with swiglu), f the RMSNorm with weight
+    norm[0] and eps norm[1], SwiGLU, or nothing. With a residual (N,), returns residual + product in float32;
+    otherwise (N,) in out_dtype (default w's)."""
+    N, K = w.shape
+    assert x.numel() == (2 * K if swiglu else K), f"x {x.shape} for w {w.shape}"
+    dtype = dtypes.float if residual is not None else (out_dtype or w.dtype)
+    out = Tensor.empty(N, dtype=dtype, device=w.device)
+    ins = [x.reshape(-1), w] + ([norm[0]] if norm is not None else []) + ([residual.reshape(N)] if residual is not None else [])
+    fxn = functools.partial(_gemv_kernel, plan=plan, lanes=lanes_for(w.device), norm_eps=None if norm is None else norm[1],
+                            swiglu=swiglu, residual=residual is not None)
+    return out.custom_kernel(*ins, fxn=fxn)[0]
