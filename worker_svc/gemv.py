@@ -34,11 +34,14 @@ def plan_for(N: int, K: int, lanes: int = 32, rows: int = 4) -> GemvPlan | None:
         return None
     per_warp = K // (VEC * lanes)  # chunks of one warp's width in K
     warps = max(w for w in range(1, 9) if per_warp % w == 0)
-    if warps < 4:  # a prime factor above 8 (5632 = 22 * 256): one chunk per thread pair with that many warps
+    if warps < 4:  # a prime factor above 8 (TinyLlama's 5632 = 22 x 256): that many warps, at most 2 chunks a thread
         warps = next((w for w in range(4, 33) if per_warp % w == 0 and (per_warp // w) <= 2), warps)
     return GemvPlan(rows, warps)
 
 
+# memoised like paged_attention's kernel: the layers of a graph build the same kernel from the same (hash-consed)
+# placeholders
+@functools.lru_cache(maxsize=64)
 def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: int, norm_eps: float | None,
                  swiglu: bool, residual: bool) -> UOp:
     N, K = w.shape
@@ -70,8 +73,11 @@ def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: i
     else:
         xs = [x[k].cast(f32) for k in ks]
         xin = [xv * g[k].cast(f32) for xv, k in zip(xs, ks)] if g is not None else xs
-    part = [sum((xin[u] * w[grp * R + r, ks[u]].cast(f32) for u in range(1, VEC)), xin[0] * w[grp * R + r, ks[0]].cast(f32))
-            for r in range(R)]
+
+    def dot(r: int) -> UOp:  # this thread's share of row r's product
+        terms = [xin[u] * w[grp * R + r, ks[u]].cast(f32) for u in range(VEC)]
+        return sum(terms[1:], terms[0])
+    part = [dot(r) for r in range(R)]
     if g is not None:
         part.append(sum((xv * xv for xv in xs[1:]), xs[0] * xs[0]))
     cur = acc.after(c) if C > 1 else acc
@@ -85,7 +91,8 @@ def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: i
         red2 = UOp.placeholder((V * W,), f32, 2, addrspace=AddrSpace.LOCAL)
         ok = t < V * W
         v2, j2 = t // W, t % W
-        s2 = sum((red[(v2 * T + j2 * lanes + i).valid(ok)] for i in range(1, lanes)), red[(v2 * T + j2 * lanes).valid(ok)])
+        lane_sums = [red[(v2 * T + j2 * lanes + i).valid(ok)] for i in range(lanes)]
+        s2 = sum(lane_sums[1:], lane_sums[0])
         red2 = red2.after(red2[(v2 * W + j2).valid(ok)].store(s2).barrier())
 
         def total(v: UOp, gate: UOp | None) -> UOp:
@@ -108,7 +115,7 @@ def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: i
             val = val + res[n.valid(gate) if gate is not None else n].cast(f32)
         idx = n.valid(gate) if gate is not None else n
         stores.append(out[idx].store(val.cast(out.dtype)))
-    name = f"gemv_{N}_{K}" + ("_norm" if g is not None else "") + ("_swiglu" if swiglu else "") + ("_res" if res is not None else "")
+    name = f"gemv_{N}_{K}" + "_norm" * (g is not None) + "_swiglu" * swiglu + "_res" * (res is not None)
     return UOp.group(*stores).end(*outer).sink(arg=KernelInfo(name=name, opts_to_apply=()))
 
 
@@ -126,7 +133,8 @@ def gemv(x: Tensor, w: Tensor, plan: GemvPlan, norm: tuple[Tensor, float] | None
     assert x.numel() == (2 * K if swiglu else K), f"x {x.shape} for w {w.shape}"
     dtype = dtypes.float if residual is not None else (out_dtype or w.dtype)
     out = Tensor.empty(N, dtype=dtype, device=w.device)
-    ins = [x.reshape(-1), w] + ([norm[0]] if norm is not None else []) + ([residual.reshape(N)] if residual is not None else [])
-    fxn = functools.partial(_gemv_kernel, plan=plan, lanes=lanes_for(w.device), norm_eps=None if norm is None else norm[1],
-                            swiglu=swiglu, residual=residual is not None)
+    ins = [x.reshape(-1), w] + ([norm[0]] if norm is not None else [])
+    ins += [residual.reshape(N)] if residual is not None else []
+    fxn = functools.partial(_gemv_kernel, plan=plan, lanes=lanes_for(w.device), swiglu=swiglu,
+                            norm_eps=None if norm is None else norm[1], residual=residual is not None)
     return out.custom_kernel(*ins, fxn=fxn)[0]

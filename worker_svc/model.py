@@ -229,7 +229,8 @@ class LlamaModel:
             last = pick.reshape(B, T, 1).where(hidden.contiguous(), 0).sum(1)
         w, eps = self.weights, self.config.rms_norm_eps
         if B == 1 and self.gemv_fits():
-            return gemv.gemv(last.reshape(D), w.lm_head, self.gemv_plan(w.lm_head), norm=(w.norm, eps)).reshape(1, -1).float()
+            logits = gemv.gemv(last.reshape(D), w.lm_head, self.gemv_plan(w.lm_head), norm=(w.norm, eps))
+            return logits.reshape(1, -1).float()
         if B < 16:
             return norm_project(last, w.norm, w.lm_head, eps).float()
         return self.project(rms_norm(last, w.norm, eps, materialize=True), w.lm_head, split=False).float()

@@ -50,8 +50,10 @@ class GemmPlan:
 # TinyLlama projections (K, N) at the default buckets' row counts; 2-3.4x faster than tinygrad's kernels there.
 # Other shapes get `heuristic_plan`, within 1.5x of the best (1.12x on geometric mean) on the same sweep.
 MEASURED_PLANS: dict[tuple[int, int, int], GemmPlan] = {
-    (16, 5632, 2048): GemmPlan(1, 2, 1, 8), (16, 2048, 11264): GemmPlan(1, 4, 2, 8), (16, 2048, 2560): GemmPlan(1, 2, 4, 8),
-    (64, 5632, 2048): GemmPlan(2, 2, 1, 8), (64, 2048, 11264): GemmPlan(4, 4, 4, 4), (64, 2048, 2560): GemmPlan(2, 8, 4, 8),
+    (16, 5632, 2048): GemmPlan(1, 2, 1, 8), (16, 2048, 11264): GemmPlan(1, 4, 2, 8),
+    (16, 2048, 2560): GemmPlan(1, 2, 4, 8),
+    (64, 5632, 2048): GemmPlan(2, 2, 1, 8), (64, 2048, 11264): GemmPlan(4, 4, 4, 4),
+    (64, 2048, 2560): GemmPlan(2, 8, 4, 8),
     (128, 5632, 2048): GemmPlan(2, 2, 4, 8), (128, 2048, 11264): GemmPlan(2, 2, 1, 1),
     (128, 2048, 2560): GemmPlan(2, 8, 2, 8),
     (256, 5632, 2048): GemmPlan(8, 4, 1, 8), (256, 2048, 11264): GemmPlan(4, 4, 4, 1),
@@ -102,6 +104,9 @@ def supports(device: str) -> bool:
     return any(tc.dims == MMA and tc.dtype_in == dtypes.half and tc.dtype_out == dtypes.float for tc in tcs)
 
 
+# memoised like paged_attention's kernel: the layers of a graph build the same kernel from the same (hash-consed)
+# placeholders, and building one with 32 mma takes milliseconds of Python
+@functools.lru_cache(maxsize=64)
 def _gemm_kernel(out: UOp, x: UOp, w: UOp, plan: GemmPlan, device: str) -> UOp:
     M, K = x.shape
     N = w.shape[0]
