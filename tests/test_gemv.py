@@ -10,7 +10,7 @@ from tinygrad import Tensor
 from tests.models import build_model
 from tests.reference import NumpyLlama
 from tests.test_forward import BLOCK, close, run
-from worker_svc.gemv import GemvPlan, gemv, plan_for
+from worker_svc.gemv import GemvPlan, gemv, gemv_qkv, kv_write_fits, plan_for
 
 
 def silu(v: np.ndarray) -> np.ndarray:
@@ -49,6 +49,36 @@ def test_gemv_matches_numpy_on_emulated_gpu(N, K, mode, plan):
     assert got.shape == (N,)
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < (1e-5 if mode == "residual" else 2e-3), f"{mode}: max error {err:.1e} of the range"  # fp16 output
+
+
+@pytest.mark.parametrize("device, plan", [("PYTHON", GemvPlan(4, 1)), ("CPU", GemvPlan(4, 1)), ("PYTHON", GemvPlan(8, 2))])
+def test_qkv_kernel_writes_rotated_k_and_v_into_the_pool(device, plan):
+    """gemv_qkv: the normed QKV product, and the token's rope(K) and V in its pool slot (nothing else written)."""
+    rng = np.random.default_rng(7)
+    H, KV, hd, K, pos, slot = 4, 2, 16, 512, 7, 13
+    q_dim, kv_dim = H * hd, KV * hd
+    N = q_dim + 2 * kv_dim
+    assert kv_write_fits(plan, N, hd)
+    w = rng.standard_normal((N, K)).astype(np.float16)
+    x = rng.standard_normal(K).astype(np.float32)
+    g = rng.standard_normal(K).astype(np.float16)
+    cos, sin = (rng.standard_normal((20, hd // 2)).astype(np.float32) for _ in range(2))
+
+    def dev(a: np.ndarray) -> Tensor:
+        return Tensor(a, device=device)
+    qkv, pool = gemv_qkv(dev(x), dev(w), plan, (dev(g), 1e-5), dev(np.zeros((2, 32, kv_dim), np.float16)),
+                         (dev(cos), dev(sin)), dev(np.array([pos], np.int32)), dev(np.array([slot], np.int32)),
+                         q_dim, hd)
+    qkv, pool = qkv.numpy().astype(np.float64), pool.numpy().astype(np.float64)
+
+    xf = x.astype(np.float64)
+    want = w.astype(np.float64) @ (xf * g / np.sqrt((xf * xf).mean() + 1e-5))
+    k, v = want[q_dim:q_dim + kv_dim].reshape(KV, hd), want[q_dim + kv_dim:]
+    half = hd // 2
+    rotated = k * np.tile(cos[pos], 2) + np.concatenate([-k[:, half:], k[:, :half]], axis=1) * np.tile(sin[pos], 2)
+    for got, ref in ((qkv, want), (pool[0, slot], rotated.reshape(-1)), (pool[1, slot], v)):
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-3  # fp16 rounding
+    assert not np.delete(pool, slot, axis=1).any(), "a slot other than the token's was written"
 
 
 def test_plans_split_k_into_whole_chunks():

@@ -8,6 +8,10 @@ reads k = c * 8T + 8t .. 8t + 7 of each of the workgroup's `rows` weight rows (1
 warp's loads are 512 contiguous bytes), for c < K / 8T, and the T partial sums of each row are added in shared
 memory in two stages (each warp's 32, then the warps'). The input row's slice is read once per thread and serves
 all rows. On devices without local memory (CPU) the same code runs with one thread per workgroup.
+
+The QKV product also writes the token's K (rotated) and V into the paged KV pool (`gemv_qkv`), which saves the
+separate write kernel (22 launches a batch-1 step at the TinyLlama shape). For that a workgroup's rows are two
+pairs (d, d + head_dim / 2) of one head, the pairs RoPE's rotate-half layout mixes.
 """
 from __future__ import annotations
 
@@ -27,6 +31,14 @@ class GemvPlan:
     warps: int  # warps per workgroup (all of them split K)
 
 
+@dataclass(frozen=True)
+class KVWrite:
+    """Where the QKV product's K and V rows go: the (2, slots, kv_dim) pool at slot `slots[0]`, K rotated for
+    `positions[0]` with the (max_position, head_dim / 2) rope tables. Rows [q_dim, q_dim + kv_dim) are K."""
+    q_dim: int
+    head_dim: int
+
+
 def plan_for(N: int, K: int, lanes: int = 32, rows: int = 4) -> GemvPlan | None:
     """Up to 8 warps that split K into whole 16-byte chunks (11 for TinyLlama's K = 5632: 352 threads, two chunks
     each), `rows` rows per workgroup. None where K is not a multiple of 8 * lanes or N of the rows."""
@@ -39,11 +51,16 @@ def plan_for(N: int, K: int, lanes: int = 32, rows: int = 4) -> GemvPlan | None:
     return GemvPlan(rows, warps)
 
 
+def kv_write_fits(plan: GemvPlan, N: int, head_dim: int) -> bool:
+    """Whether `gemv_qkv` can pair each workgroup's rows as RoPE's (d, d + head_dim / 2)."""
+    return plan.rows % 2 == 0 and (head_dim // 2) % (plan.rows // 2) == 0 and N % head_dim == 0
+
+
 # memoised like paged_attention's kernel: the layers of a graph build the same kernel from the same (hash-consed)
 # placeholders
 @functools.lru_cache(maxsize=64)
 def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: int, norm_eps: float | None,
-                 swiglu: bool, residual: bool) -> UOp:
+                 swiglu: bool, residual: bool, kv: KVWrite | None = None) -> UOp:
     N, K = w.shape
     local = lanes > 1
     R, W = plan.rows, plan.warps if local else 1
@@ -53,10 +70,21 @@ def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: i
     extra = list(extra)
     g = extra.pop(0) if norm_eps is not None else None
     res = extra.pop(0) if residual else None
+    pool, cos, sin, positions, slots = extra if kv is not None else (None,) * 5
     ids = iter(range(64))
     zero = UOp.const(0, wi)
 
     grp = UOp.range(N // R, next(ids))
+    if kv is None:
+        def row(r: UOp | int) -> UOp:  # the workgroup's r-th weight row
+            return grp * R + r
+    else:  # rows (d, d + half) of a head in one workgroup: m consecutive d, then their partners
+        assert kv_write_fits(plan, N, kv.head_dim), (plan, kv, N)
+        m, half = R // 2, kv.head_dim // 2
+        per_head = half // m
+
+        def row(r: UOp | int) -> UOp:
+            return (grp // per_head) * kv.head_dim + (grp % per_head) * m + r % m + (r // m) * half
     lane = UOp.range(lanes, next(ids), AxisType.WARP) if local else zero
     wp = UOp.range(W, next(ids), AxisType.WARP) if local and W > 1 else zero
     t = wp * lanes + lane
@@ -75,7 +103,7 @@ def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: i
         xin = [xv * g[k].cast(f32) for xv, k in zip(xs, ks)] if g is not None else xs
 
     def dot(r: int) -> UOp:  # this thread's share of row r's product
-        terms = [xin[u] * w[grp * R + r, ks[u]].cast(f32) for u in range(VEC)]
+        terms = [xin[u] * w[row(r), ks[u]].cast(f32) for u in range(VEC)]
         return sum(terms[1:], terms[0])
     part = [dot(r) for r in range(R)]
     if g is not None:
@@ -105,18 +133,42 @@ def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: i
             return fin[v]
         rows_out = [(UOp.const(r, wi), None) for r in range(R)]
 
+    inv_rms = (total(UOp.const(R, wi), None) * (1.0 / K) + norm_eps).rsqrt() if g is not None else None
+
+    def product(r: UOp, gate: UOp | None) -> UOp:  # row r's finished product, before the residual
+        return total(r, gate) * inv_rms if inv_rms is not None else total(r, gate)
     stores = []
     for r, gate in rows_out:
-        val = total(r, gate)
-        if g is not None:
-            val = val * (total(UOp.const(R, wi), None) * (1.0 / K) + norm_eps).rsqrt()
-        n = grp * R + r
+        val = product(r, gate)
+        n = row(r)
         if res is not None:
             val = val + res[n.valid(gate) if gate is not None else n].cast(f32)
         idx = n.valid(gate) if gate is not None else n
         stores.append(out[idx].store(val.cast(out.dtype)))
+        if kv is not None:
+            stores += _kv_stores(kv, pool, cos, sin, positions, slots, n, r, m, gate, val,
+                                 product((r + m) % (2 * m), gate))
     name = f"gemv_{N}_{K}" + "_norm" * (g is not None) + "_swiglu" * swiglu + "_res" * (res is not None)
     return UOp.group(*stores).end(*outer).sink(arg=KernelInfo(name=name, opts_to_apply=()))
+
+
+def _kv_stores(kv: KVWrite, pool: UOp, cos: UOp, sin: UOp, positions: UOp, slots: UOp, n: UOp, r: UOp, m: int,
+               gate: UOp | None, val: UOp, partner: UOp) -> list[UOp]:
+    """Row n's value into the pool when it is a K row (rotated with its partner d +- half: Hugging Face's
+    rotate-half, in fp32 like the NumPy reference and kv_cache's write kernel) or a V row."""
+    kv_dim = pool.shape[2]
+    first = r < m  # d < half
+    freq = n % kv.head_dim - first.where(0, kv.head_dim // 2)
+    pos = positions[0].cast(dtypes.weakint).maximum(0).minimum(cos.shape[0] - 1)
+    rotated = val * cos[pos, freq] + first.where(-partner, partner) * sin[pos, freq]
+    slot = slots[0].cast(dtypes.weakint)
+    is_k = (n >= kv.q_dim) & (n < kv.q_dim + kv_dim)
+    is_v = n >= kv.q_dim + kv_dim
+    k_ok, v_ok = (is_k & gate, is_v & gate) if gate is not None else (is_k, is_v)
+    kcol = (n - kv.q_dim).maximum(0).minimum(kv_dim - 1)
+    vcol = (n - kv.q_dim - kv_dim).maximum(0).minimum(kv_dim - 1)
+    return [pool[0, slot, kcol.valid(k_ok)].store(rotated.cast(pool.dtype)),
+            pool[1, slot, vcol.valid(v_ok)].store(val.cast(pool.dtype))]
 
 
 def lanes_for(device: str) -> int:
@@ -138,3 +190,19 @@ def gemv(x: Tensor, w: Tensor, plan: GemvPlan, norm: tuple[Tensor, float] | None
     fxn = functools.partial(_gemv_kernel, plan=plan, lanes=lanes_for(w.device), swiglu=swiglu,
                             norm_eps=None if norm is None else norm[1], residual=residual is not None)
     return out.custom_kernel(*ins, fxn=fxn)[0]
+
+
+def gemv_qkv(x: Tensor, w: Tensor, plan: GemvPlan, norm: tuple[Tensor, float], pool: Tensor, rope: tuple[Tensor, Tensor],
+             positions: Tensor, slots: Tensor, q_dim: int, head_dim: int) -> tuple[Tensor, Tensor]:
+    """The one-row QKV product with its norm (as `gemv`), which also stores the token's rope(K) and V at slots[0]
+    of `pool` (2, slots, kv_dim), positions[0] giving K's rotation. Returns (qkv (N,) in w's dtype, the pool
+    ordered after the write)."""
+    N, K = w.shape
+    assert x.numel() == K and pool.shape[2] * 2 + q_dim == N, f"x {x.shape}, w {w.shape}, pool {pool.shape}"
+    out = Tensor.empty(N, dtype=w.dtype, device=w.device)
+    kv = KVWrite(q_dim, head_dim)
+    fxn = functools.partial(_gemv_kernel, plan=plan, lanes=lanes_for(w.device), swiglu=False, norm_eps=norm[1],
+                            residual=False, kv=kv)
+    ins = [out, x.reshape(-1), w, norm[0], pool, *rope, positions.reshape(-1), slots.reshape(-1)]
+    after = Tensor.custom_kernel(*ins, fxn=fxn)
+    return after[0], after[4]

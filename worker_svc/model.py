@@ -164,14 +164,15 @@ class LlamaModel:
             return norm_project(x, norm_weight, weight, cfg.rms_norm_eps)
 
         # one row: each product is a worker_svc.gemv kernel with the norm before it, or the SwiGLU before and the
-        # residual add after it, fused in (the same 6 kernels a layer as norm_project's path, faster products)
+        # residual add after it, fused in: 5 kernels a layer (norm_project's path: 6)
         if B * T == 1 and self.gemv_fits():
             eps, D = cfg.rms_norm_eps, x.shape[-1]
             x = x.reshape(D)
             for i, layer in enumerate(w.layers):
-                qkv = gemv.gemv(x, layer.wqkv, self.gemv_plan(layer.wqkv), norm=(layer.attn_norm, eps))
-                pool = self.cache.write(i, qkv.reshape(1, -1), q_dim, self.rope_cos, self.rope_sin, flat_positions,
-                                        flat_slots)
+                # the QKV kernel also writes the token's rope(K) and V into the pool (no separate write kernel)
+                qkv, pool = gemv.gemv_qkv(x, layer.wqkv, self.gemv_plan(layer.wqkv), (layer.attn_norm, eps),
+                                          self.cache.pools[i], (self.rope_cos, self.rope_sin), flat_positions,
+                                          flat_slots, q_dim, hd)
                 attn = attention(qkv, pool).reshape(q_dim)
                 x = gemv.gemv(attn, layer.wo, self.gemv_plan(layer.wo), residual=x)
                 gate_up = gemv.gemv(x, layer.w_gate_up, self.gemv_plan(layer.w_gate_up), norm=(layer.mlp_norm, eps))
@@ -195,10 +196,13 @@ class LlamaModel:
         return gemv.plan_for(*weight.shape, lanes=gemv.lanes_for(weight.device)) if self.has_local else None
 
     def gemv_fits(self) -> bool:
-        """Whether every product of a one-row step (and the LM head) has a gemv plan."""
+        """Whether every product of a one-row step (and the LM head) has a gemv plan, and the QKV one can write K
+        and V into the pool."""
         layer = self.weights.layers[0]
-        return all(self.gemv_plan(t) is not None
-                   for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down, self.weights.lm_head))
+        if any(self.gemv_plan(t) is None
+               for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down, self.weights.lm_head)):
+            return False
+        return gemv.kv_write_fits(self.gemv_plan(layer.wqkv), layer.wqkv.shape[0], self.config.head_dim)
 
     def project(self, h: Tensor, weight: Tensor, split: bool = True) -> Tensor:
         """h (..., K) @ weight.T for 16 rows and more: the custom tensor-core kernel (worker_svc.tc_gemm) where the
@@ -229,8 +233,10 @@ class LlamaModel:
             last = pick.reshape(B, T, 1).where(hidden.contiguous(), 0).sum(1)
         w, eps = self.weights, self.config.rms_norm_eps
         if B == 1 and self.gemv_fits():
-            logits = gemv.gemv(last.reshape(D), w.lm_head, self.gemv_plan(w.lm_head), norm=(w.norm, eps))
-            return logits.reshape(1, -1).float()
+            # fp32 straight from the kernel: a half result's cast was a kernel of its own
+            logits = gemv.gemv(last.reshape(D), w.lm_head, self.gemv_plan(w.lm_head), norm=(w.norm, eps),
+                               out_dtype=dtypes.float)
+            return logits.reshape(1, -1)
         if B < 16:
             return norm_project(last, w.norm, w.lm_head, eps).float()
         return self.project(rms_norm(last, w.norm, eps, materialize=True), w.lm_head, split=False).float()
