@@ -7,8 +7,9 @@ import re
 from bench.kernels import run_in_subprocess
 
 # a batch-1 decode step at the TinyLlama shape: issue #7's first bar was 200 and its goal is 120 (320 kernels before
-# the fused attention, 144 before the one-row kernels wrote K and V themselves and returned fp32 logits)
-MAX_KERNELS_TINYLLAMA_DECODE = 121
+# the fused attention, 144 before the one-row kernels wrote K and V themselves and returned fp32 logits and
+# attention read the block tables in place)
+MAX_KERNELS_TINYLLAMA_DECODE = 120
 
 
 def counts(output: str) -> dict[str, tuple[int, int]]:
@@ -22,7 +23,9 @@ def test_the_model_renders_for_metal():
     found = counts(run_in_subprocess("NULL:METAL", "--shape", "demo", "--decode-batch-sizes", "1,4",
                                      "--prefill-shapes", "4x16"))
     assert set(found) == {"1x1", "4x1", "4x16"}
-    assert found["1x1"][0] == found["4x1"][0] <= 32  # 2 layers: one attention kernel each, no gathers
+    # 2 layers: one attention kernel each, no gathers. One row has one kernel fewer: its block table is read in
+    # place, where with more rows tinygrad copies the step's metadata once (as it copied the tables before)
+    assert found["1x1"][0] + 1 == found["4x1"][0] <= 32
 
 
 def test_tinyllama_decode_step_kernel_count_on_cuda():

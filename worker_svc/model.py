@@ -132,9 +132,10 @@ class LlamaModel:
         self.rope_sin = Tensor(np.sin(freqs).astype(np.float32), device=device).realize()
 
     def hidden_states(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
-                      num_blocks: UOp | int) -> Tensor:
-        """tokens, positions, slots: (B, T) int32; block_tables: (B, W) int32. Returns the residual stream (B, T, D) in
-        float32, before the final norm (`logits` applies it to the rows it keeps)."""
+                      num_blocks: UOp | int, table_offset: int = 0) -> Tensor:
+        """tokens, positions, slots: (B, T) int32; block_tables: (B, table_offset + W) int32, the tables in its
+        columns from table_offset on. Returns the residual stream (B, T, D) in float32, before the final norm
+        (`logits` applies it to the rows it keeps)."""
         cfg, w = self.config, self.weights
         B, T = tokens.shape
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -155,7 +156,7 @@ class LlamaModel:
             out = paged_decode_attention(qkv.reshape(B * T, -1), pool, block_tables, flat_positions, num_blocks,
                                          self.cache.block_size, KV, hd, num_heads=H,
                                          rope=(self.rope_cos, self.rope_sin), out_dtype=self.cache.dtype,
-                                         queries_per_table=T)
+                                         queries_per_table=T, table_offset=table_offset)
             return dense(out.reshape(B, T, q_dim))
 
         def norm_proj(x: Tensor, norm_weight: Tensor, weight: Tensor) -> Tensor:
@@ -215,9 +216,10 @@ class LlamaModel:
         return project(h, weight, self.split_k(rows, K, N) if split else 1)
 
     def logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
-               num_blocks: UOp | int, last_index: Tensor | None = None) -> Tensor:
+               num_blocks: UOp | int, last_index: Tensor | None = None, table_offset: int = 0) -> Tensor:
         """fp32 logits (B, V) of each row's token at `last_index` (B,), or of its only token when T == 1."""
-        return self.last_logits(self.hidden_states(tokens, positions, slots, block_tables, num_blocks), last_index)
+        hidden = self.hidden_states(tokens, positions, slots, block_tables, num_blocks, table_offset)
+        return self.last_logits(hidden, last_index)
 
     def last_logits(self, hidden: Tensor, last_index: Tensor | None = None) -> Tensor:
         """fp32 logits (B, V) of the residual stream (B, T, D) at `last_index` (B,), or T == 1's only one. The rows

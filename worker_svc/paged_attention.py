@@ -77,7 +77,7 @@ def _plan(B: int, KV: int, G: int, hd: int, itemsize: int, max_threads: int, sme
 @functools.lru_cache(maxsize=64)
 def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions: UOp, rope_cos: UOp | None,
                              rope_sin: UOp | None, num_blocks: UOp | int, block_size: int, T: int, gw: int,
-                             kstride: int, queries_per_table: int = 1) -> UOp:
+                             kstride: int, queries_per_table: int = 1, table_offset: int = 0) -> UOp:
     """The kernel body (see the module docstring). `num_blocks` is an int or the ALU PARAM of the bound variable.
     q is (B, N) with the query heads in its first KV * G * hd columns; with rope tables it is rotated here."""
     B, KV, G, hd = out.shape
@@ -124,7 +124,7 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
         """Pool row of context slot s through the block table; no load at all when the slot is masked."""
         # the clamp costs two instructions and bounds the row: without it tinygrad wraps every pool index in a
         # 64-bit modulo by the pool size
-        blk = tables[table_row, (s // block_size).valid(ok)].cast(wi).maximum(0).minimum(pool_blocks - 1)
+        blk = tables[table_row, (table_offset + s // block_size).valid(ok)].cast(wi).maximum(0).minimum(pool_blocks - 1)
         return blk * block_size + s % block_size
 
     # shared (GPU) / register (CPU) buffers
@@ -303,7 +303,7 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
                            block_size: int, num_kv_heads: int, head_dim: int, num_heads: int | None = None,
                            rope: tuple[Tensor, Tensor] | None = None, out_dtype: DType = dtypes.float32,
                            max_threads: int | None = None, heads_per_group: int | None = None,
-                           queries_per_table: int = 1) -> Tensor:
+                           queries_per_table: int = 1, table_offset: int = 0) -> Tensor:
     """softmax(q.k / sqrt(hd)) @ v over each row's visible slots, read in place from the paged pool, in one kernel.
 
     q: (B, KV, G, hd), or (B, N) whose first num_heads * hd columns are the query heads (the fused QKV projection's
@@ -318,7 +318,9 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
     heads_per_group: query heads per workgroup on GPUs (default: all G unless B * KV workgroups are too few).
     queries_per_table: consecutive rows of q that share a block-table row (a prefill chunk's T tokens, each a row
     with its own position: block_tables then has B / queries_per_table rows). Causal attention within the chunk
-    is the position mask; the chunk's keys must be in the pool already."""
+    is the position mask; the chunk's keys must be in the pool already.
+    table_offset: the tables start at this column of block_tables (the runner's packed metadata, read in place:
+    a (B, W) slice of it would be a copy kernel of its own)."""
     KV, hd = num_kv_heads, head_dim
     if q.ndim == 4:
         B, _, G, _ = q.shape
@@ -340,5 +342,6 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
     def fxn(o: UOp, qq: UOp, p: UOp, t: UOp, pos: UOp, *rest: UOp | int) -> UOp:
         *tables, nb = rest
         cos, sin = tables if tables else (None, None)
-        return _decode_attention_kernel(o, qq, p, t, pos, cos, sin, nb, block_size, T, gw, kstride, queries_per_table)
+        return _decode_attention_kernel(o, qq, p, t, pos, cos, sin, nb, block_size, T, gw, kstride, queries_per_table,
+                                        table_offset)
     return _custom_kernel_with_var(ins, fxn, num_blocks)[0]

@@ -216,11 +216,12 @@ class ModelRunner:
         slots = writable.where(blocks * bs + positions % bs, NULL_BLOCK * bs).cast(dtypes.int32)
         last = (meta[:, CHUNK_LEN] - 1).maximum(0)
         hidden = None
+        # attention reads the block tables in place in the packed metadata (a slice of it would be a copy kernel)
         if prompt_logprobs:  # the last positions' logits as in the other graphs, every position's from the same states
-            hidden = self.model.hidden_states(tokens, positions.cast(dtypes.int32), slots, tables, num_blocks)
+            hidden = self.model.hidden_states(tokens, positions.cast(dtypes.int32), slots, meta, num_blocks, META_COLS)
             logits = self.model.last_logits(hidden.realize(), last)
         else:
-            logits = self.model.logits(tokens, positions.cast(dtypes.int32), slots, tables, num_blocks, last)
+            logits = self.model.logits(tokens, positions.cast(dtypes.int32), slots, meta, num_blocks, last, META_COLS)
         # scheduled on its own: the forward pass is the same in both graphs of a bucket, so the second one's
         # capture reuses the first one's schedule (tinygrad's schedule cache) and schedules only its sampling
         logits = logits.realize()

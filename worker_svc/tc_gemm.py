@@ -13,7 +13,7 @@ positions 4s .. 4s+3 of those to the s-th mma (s = 0, 1) where the PTX layout of
 Work layout: a warp computes (16 m_tiles) x (8 n_tiles) outputs over K / split; `warps` warps of a workgroup take
 neighbouring column tiles of the same rows, so they read the same activations (from the L1 cache). With split > 1
 the kernel writes split partial products in fp32 and a second kernel sums them (split-K: more warps for few rows).
-Only the CUDA m16n8k16 fp16 layout is written; elsewhere (CPU, Metal) `tc_plan` returns None and the model keeps
+Only the CUDA m16n8k16 fp16 layout is written; elsewhere (CPU, Metal) `supports` is false and the model keeps
 tinygrad's own products. tinygrad's PYTHON device emulates this layout (DEV=PYTHON::sm_80), which is how the CPU
 tests check the kernel against NumPy.
 """
@@ -47,7 +47,7 @@ class GemmPlan:
 
 
 # Best plans of `python -m bench.gemm --plans` on an H200 (bench/results/h200-gemm-plans-2026-11-28.log), for the
-# TinyLlama projections (K, N) at the default buckets' row counts; 2-3.4x faster than tinygrad's kernels there.
+# TinyLlama projections (K, N) at the default buckets' row counts; 1.6-3.4x faster than tinygrad's kernels there.
 # Other shapes get `heuristic_plan`, within 1.5x of the best (1.12x on geometric mean) on the same sweep.
 MEASURED_PLANS: dict[tuple[int, int, int], GemmPlan] = {
     (16, 5632, 2048): GemmPlan(1, 2, 1, 8), (16, 2048, 11264): GemmPlan(1, 4, 2, 8),
