@@ -89,3 +89,35 @@ def test_tinygrads_cache_database_works_from_any_thread(tmp_path, monkeypatch):
         thread.start()
         thread.join()
     assert not errors and out == [2, 4]
+
+
+def test_replay_skips_tinygrads_input_preparation_and_matches_it(monkeypatch):
+    """compat.replay: after capture and one checked replay, a graph gets its buffers and variables directly (no
+    per-call rewrite of its inputs) and computes what TinyJit's own call computes, variables included."""
+    import numpy as np
+    from tinygrad import Tensor, TinyJit, UOp
+    from tinygrad.engine import jit as jit_module
+
+    from worker_svc import compat
+
+    x = Tensor(np.arange(8, dtype=np.float32)).realize()
+    step = UOp.variable("replay_step", 0, 9)
+    out = Tensor.zeros(8).contiguous().realize()
+
+    @TinyJit
+    def f(x: Tensor, s: UOp) -> Tensor:
+        return out.assign(x * 2 + Tensor(s).float()).realize()
+
+    prepared = []
+    original = jit_module._prepare_jit_inputs
+    monkeypatch.setattr(jit_module, "_prepare_jit_inputs", lambda *a: prepared.append(1) or original(*a))
+    for i in range(3):  # eager, capture, checked replay: tinygrad's own path
+        compat.replay(f, x, step.bind(i))
+    assert len(prepared) == 3
+    for i in (4, 7):
+        compat.replay(f, x, step.bind(i))
+        assert out.numpy().tolist() == (np.arange(8) * 2 + i).tolist()
+    assert len(prepared) == 3, "a replay prepared its inputs again"
+    x.assign(Tensor(np.ones(8, dtype=np.float32))).realize()  # same buffer, new contents
+    compat.replay(f, x, step.bind(1))
+    assert out.numpy().tolist() == [3.0] * 8

@@ -105,6 +105,37 @@ def capture_on_next_call(jit) -> None:
         jit.cnt = 1
 
 
+def replay(jit, *args):
+    """jit(*args) for a TinyJit that has captured and replayed once, without tinygrad 0.14.0's per-call input
+    preparation (engine/jit.py `_prepare_jit_inputs`: a graph rewrite of every input tensor to find its buffer and
+    unbind its variables, and checks that the inputs match the capture's). That was half of a worker call's host
+    time (`bench.host_call` on the NULL device: 2-step batch-1 calls), and a batch-1 step on an H200 is short enough
+    (1.1 ms) for a call's host time to decide a stream's pace. The runner passes the same buffers to a graph on
+    every call (its inputs are the upload graph's outputs, or its own host arrays), so after tinygrad's own checks
+    passed on the first replay, each replay hands the captured graph its buffers and variable values directly. Any
+    argument that is not a realized buffer takes tinygrad's path."""
+    from tinygrad import Tensor
+
+    captured = jit.captured
+    if captured is None or jit.cnt < 3:
+        return jit(*args)
+    bufs, var_vals = [], {}
+    for a in args:
+        if isinstance(a, Tensor):
+            base = a.uop.base
+            if base.realized is None:
+                return jit(*args)
+            bufs.append(base)
+        else:  # a bound variable
+            var, val = a.unbind()
+            var_vals[var.expr] = val
+    if len(bufs) != len(captured.expected_input_info):
+        return jit(*args)
+    ret = captured(bufs, var_vals)
+    jit.cnt += 1
+    return ret
+
+
 def per_thread_cache_database() -> None:
     """tinygrad 0.14.0 keeps one sqlite connection to its cache database (helpers.db_connection), opened by the first
     thread that looks a compiled kernel up, and sqlite refuses it in every other thread ("SQLite objects created in

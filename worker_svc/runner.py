@@ -411,7 +411,7 @@ class ModelRunner:
         host_tokens, host_meta, tokens, meta = self._host[shape]
         np.copyto(host_tokens, self._input_tokens(batch))
         np.copyto(host_meta, self._pack_meta(batch))
-        return self._uploads[shape](tokens, meta)
+        return compat.replay(self._uploads[shape], tokens, meta)
 
     def launch(self, batch: Batch) -> Callable[[], CallResult]:
         """Runs the batch's steps on the device and queues their read-back; returns a function that waits for the
@@ -425,7 +425,7 @@ class ModelRunner:
         num_blocks = self._blocks_var.bind(self.blocks_to_read(batch))
         self._last_call = None  # a call that fails part-way leaves the sampled buffer in no known state
         for s in range(batch.num_steps):
-            jit(tokens, meta, self._step_var.bind(s), num_blocks)
+            compat.replay(jit, tokens, meta, self._step_var.bind(s), num_blocks)
         # queued behind the steps, before anything launched later can overwrite the shared buffers
         B, steps, S = batch.token_ids.shape[0], batch.num_steps, self.max_steps
         wait_tokens = self._readback.start(self._sampled, B * S)
