@@ -33,8 +33,8 @@ class GemvPlan:
 
 @dataclass(frozen=True)
 class KVWrite:
-    """Where the QKV product's K and V rows go: the (2, slots, kv_dim) pool at slot `slots[0]`, K rotated for
-    `positions[0]` with the (max_position, head_dim / 2) rope tables. Rows [q_dim, q_dim + kv_dim) are K."""
+    """The layout of the QKV product's rows for `gemv_qkv`: q_dim rows of Q, then kv_dim rows of K and of V, in heads
+    of head_dim. The K and V rows go to the (2, slots, kv_dim) pool at slot slots[0], K rotated for positions[0]."""
     q_dim: int
     head_dim: int
 
