@@ -9,8 +9,6 @@ figure decides a single stream's pace there. `--profile N` prints the N most exp
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 
@@ -22,19 +20,14 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--profile", type=int, default=0, help="also print the N most expensive functions")
     args = ap.parse_args()
-    if not os.environ.get("DEV", "").startswith("NULL"):
-        sys.exit("run with DEV=NULL:<renderer>, e.g. DEV=NULL:CUDA:sm_90, and PARALLEL=0")
-    os.environ.setdefault("NULL_ALLOW_COPYOUT", "1")
-    from worker_svc.compat import configure_environment
+    from bench.kernels import empty_model, prepare_null_device
 
-    configure_environment()
+    prepare_null_device()
     from tinygrad import Device
 
-    from bench.kernels import empty_model, install_render_only_compilers
     from worker_svc import compat
     from worker_svc.runner import ModelRunner
 
-    install_render_only_compilers()
     compat.apply_for(Device.DEFAULT)
     runner = ModelRunner(empty_model(args.shape, 256, 2048), [args.rows], [(1, 128)], max_steps=max(args.steps, 2))
     runner.capture(args.rows, 1)

@@ -37,6 +37,19 @@ def install_render_only_compilers() -> None:
     compiler_cuda.NVRTCCompiler = compiler_cuda.NVCCCompiler = RenderOnly
 
 
+def prepare_null_device() -> None:
+    """What a benchmark on tinygrad's NULL device needs before it builds anything: DEV naming a NULL device with a
+    renderer, copy-outs allowed (they return zeros), our process-wide tinygrad settings, and render-only
+    compilers."""
+    if not os.environ.get("DEV", "").startswith("NULL"):
+        sys.exit("run with DEV=NULL:<renderer>, e.g. DEV=NULL:CUDA:sm_90 or DEV=NULL:METAL, and PARALLEL=0")
+    os.environ.setdefault("NULL_ALLOW_COPYOUT", "1")
+    from worker_svc.compat import configure_environment
+
+    configure_environment()
+    install_render_only_compilers()
+
+
 def empty_model(shape: str, num_blocks: int, max_context: int):
     """A Llama of the shape with uninitialised weights: enough to capture and render graphs on the NULL device."""
     from tinygrad import Device, Tensor, dtypes
@@ -114,13 +127,7 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true", help="capture the decode buckets only")
     ap.add_argument("-v", "--verbose", action="store_true", help="list the kernels of each graph")
     args = ap.parse_args()
-    if not os.environ.get("DEV", "").startswith("NULL"):
-        sys.exit("run with DEV=NULL:<renderer>, e.g. DEV=NULL:CUDA:sm_90 or DEV=NULL:METAL, and PARALLEL=0")
-    os.environ.setdefault("NULL_ALLOW_COPYOUT", "1")
-    from worker_svc.compat import configure_environment
-
-    configure_environment()
-    install_render_only_compilers()
+    prepare_null_device()
     from worker_svc.buckets import parse_int_list, parse_shapes
 
     for bucket, info in census(args.shape, parse_int_list(args.decode_batch_sizes),

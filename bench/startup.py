@@ -201,15 +201,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.restart:
         return restart([a for a in sys.argv[1:] if a != "--restart"])
-    if not os.environ.get("DEV", "").startswith("NULL"):
-        sys.exit("run with DEV=NULL:<renderer>, e.g. DEV=NULL:CUDA:sm_90, and PARALLEL=0")
-    os.environ.setdefault("NULL_ALLOW_COPYOUT", "1")
-    from worker_svc.compat import configure_environment
+    from bench.kernels import prepare_null_device
 
-    configure_environment()
-    from bench.kernels import install_render_only_compilers
-
-    install_render_only_compilers()
+    prepare_null_device()
     call = functools.partial(run, args.shape, parse_int_list(args.decode_batch_sizes),
                              parse_shapes(args.prefill_shapes), args.max_steps, args.tuning, args.num_blocks,
                              args.max_context, not args.no_cache)
