@@ -22,14 +22,12 @@ def product(x, w, split):
     """The worker's projection (worker_svc.model.project: split > 1 sums that many partial products over K), or
     with split 0 the transposed product (w @ x.T).T: the weight rows on the tensor core's M side; or, for a
     GemmPlan, the custom tensor-core kernel (worker_svc.tc_gemm)."""
-    from worker_svc.model import project
+    from worker_svc.model import project, split_k_for_tensor_cores
     from worker_svc.tc_gemm import GemmPlan, tc_project
 
     if isinstance(split, GemmPlan):
         return tc_project(x, w, split)
     if split == -1:  # the worker's choice
-        from worker_svc.model import split_k_for_tensor_cores
-
         split = split_k_for_tensor_cores(x.shape[0], x.shape[1], w.shape[0])
     return (w @ x.T).T if split == 0 else project(x, w, split)
 

@@ -125,8 +125,8 @@ def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: i
 
         def total(v: UOp, gate: UOp | None) -> UOp:
             idx = [v * W + j for j in range(W)]
-            return sum((red2[i.valid(gate) if gate is not None else i] for i in idx[1:]),
-                       red2[idx[0].valid(gate) if gate is not None else idx[0]])
+            sums = [red2[_gated(i, gate)] for i in idx]
+            return sum(sums[1:], sums[0])
         rows_out = [(t, t < R)]  # thread t < R writes row t
     else:
         def total(v: UOp, gate: UOp | None) -> UOp:
@@ -142,14 +142,18 @@ def _gemv_kernel(out: UOp, x: UOp, w: UOp, *extra: UOp, plan: GemvPlan, lanes: i
         val = product(r, gate)
         n = row(r)
         if res is not None:
-            val = val + res[n.valid(gate) if gate is not None else n].cast(f32)
-        idx = n.valid(gate) if gate is not None else n
-        stores.append(out[idx].store(val.cast(out.dtype)))
+            val = val + res[_gated(n, gate)].cast(f32)
+        stores.append(out[_gated(n, gate)].store(val.cast(out.dtype)))
         if kv is not None:
             stores += _kv_stores(kv, pool, cos, sin, positions, slots, n, r, m, gate, val,
                                  product((r + m) % (2 * m), gate))
     name = f"gemv_{N}_{K}" + "_norm" * (g is not None) + "_swiglu" * swiglu + "_res" * (res is not None)
     return UOp.group(*stores).end(*outer).sink(arg=KernelInfo(name=name, opts_to_apply=()))
+
+
+def _gated(index: UOp, gate: UOp | None) -> UOp:
+    """The index, valid only where the gate holds (loads read 0, stores are skipped); as is without a gate."""
+    return index if gate is None else index.valid(gate)
 
 
 def _kv_stores(kv: KVWrite, pool: UOp, cos: UOp, sin: UOp, positions: UOp, slots: UOp, n: UOp, r: UOp, m: int,
