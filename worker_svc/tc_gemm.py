@@ -20,6 +20,7 @@ tests check the kernel against NumPy.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from tinygrad import Device, Tensor, UOp, dtypes
@@ -156,8 +157,7 @@ def tc_project(x: Tensor, w: Tensor, plan: GemmPlan) -> Tensor:
     """x (..., K) @ w.T for w (N, K), both fp16: the result (..., N) in x's dtype."""
     *lead, K = x.shape
     N = w.shape[0]
-    M = 1
-    for d in lead: M *= d
+    M = math.prod(lead)
     assert plan.fits(M, K, N), f"{plan} does not fit {M}x{K}x{N}"
     device = Device[x.device].renderer.target.device
     shape = (plan.split, M, N) if plan.split > 1 else (M, N)
