@@ -13,9 +13,11 @@ import pytest
 from shared.processes import ROOT
 from worker_svc.tc_gemm import MEASURED_PLANS, GemmPlan, heuristic_plan, plan_for
 
-# (lead dims of x, K, N, plan): one tile and several per warp, several warps, split K, a row count of 16
+# (lead dims of x, K, N, plan): one tile and several per warp, several warps, split K, a row count of 16, two chunks
+# of K per loop iteration (alone and with split K)
 CASES = [((32,), 64, 64, GemmPlan(2, 2, 2, 1)), ((2, 8), 128, 96, GemmPlan(1, 3, 2, 2)),
-         ((64,), 64, 32, GemmPlan(4, 1, 2, 2)), ((16,), 256, 64, GemmPlan(1, 2, 1, 8))]
+         ((64,), 64, 32, GemmPlan(4, 1, 2, 2)), ((16,), 256, 64, GemmPlan(1, 2, 1, 8)),
+         ((16,), 128, 32, GemmPlan(1, 2, 2, 1, 2)), ((32,), 256, 32, GemmPlan(2, 1, 1, 2, 2))]
 
 EMULATED = """
 import json, sys
@@ -37,7 +39,7 @@ print(json.dumps(errors))
 
 
 def test_products_match_numpy_on_the_emulated_tensor_core():
-    cases = [[list(lead), K, N, [p.m_tiles, p.n_tiles, p.warps, p.split]] for lead, K, N, p in CASES]
+    cases = [[list(lead), K, N, [p.m_tiles, p.n_tiles, p.warps, p.split, p.unroll]] for lead, K, N, p in CASES]
     env = {**os.environ, "DEV": "PYTHON::sm_80", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", EMULATED, json.dumps(cases)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)

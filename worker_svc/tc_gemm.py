@@ -33,18 +33,20 @@ CHUNK = 32         # K per loop iteration: two mma steps
 
 @dataclass(frozen=True)
 class GemmPlan:
-    """One warp computes (16 * m_tiles) x (8 * n_tiles) outputs over K / split; `warps` warps per workgroup."""
+    """One warp computes (16 * m_tiles) x (8 * n_tiles) outputs over K / split; `warps` warps per workgroup;
+    `unroll` chunks of K per loop iteration (their loads are issued together: more bytes in flight per warp)."""
     m_tiles: int
     n_tiles: int
     warps: int
     split: int
+    unroll: int = 1
 
     def fits(self, M: int, K: int, N: int) -> bool:
         return (M % (16 * self.m_tiles) == 0 and N % (8 * self.n_tiles * self.warps) == 0
-                and K % (CHUNK * self.split) == 0)
+                and K % (CHUNK * self.split * self.unroll) == 0)
 
     def __str__(self) -> str:
-        return f"m{self.m_tiles}n{self.n_tiles}w{self.warps}s{self.split}"
+        return f"m{self.m_tiles}n{self.n_tiles}w{self.warps}s{self.split}" + (f"u{self.unroll}" if self.unroll > 1 else "")
 
 
 # Best plans of `python -m bench.gemm --plans` on an H200 (bench/results/h200-gemm-plans-2026-11-28.log), for the
@@ -111,7 +113,7 @@ def supports(device: str) -> bool:
 def _gemm_kernel(out: UOp, x: UOp, w: UOp, plan: GemmPlan, device: str) -> UOp:
     M, K = x.shape
     N = w.shape[0]
-    TM, TN, WARPS, S = plan.m_tiles, plan.n_tiles, plan.warps, plan.split
+    TM, TN, WARPS, S, U = plan.m_tiles, plan.n_tiles, plan.warps, plan.split, plan.unroll
     Ks = K // S
     zero = UOp.const(0, dtypes.weakint)
     ids = iter(range(64))
@@ -127,19 +129,21 @@ def _gemm_kernel(out: UOp, x: UOp, w: UOp, plan: GemmPlan, device: str) -> UOp:
 
     acc = UOp.placeholder((TM * TN * 4,), dtypes.float, 0, addrspace=AddrSpace.REG)
     acc = acc.after(UOp.group(*[acc.after(*outer)[i].store(0.0) for i in range(TM * TN * 4)]))
-    kk = UOp.range(Ks // CHUNK, next(ids), AxisType.REDUCE)
-    k0 = sp * Ks + kk * CHUNK + t * 8
-    # a[i][h][u]: row g + 8h of A tile i, k = k0 + u; b[j][u]: row g of W tile j
-    a = [[[x[m0 + i * 16 + h * 8 + g, k0 + u] for u in range(8)] for h in range(2)] for i in range(TM)]
-    b = [[w[n0 + j * 8 + g, k0 + u] for u in range(8)] for j in range(TN)]
+    kk = UOp.range(Ks // (CHUNK * U), next(ids), AxisType.REDUCE)
     c = [[UOp.stack(*[acc.after(kk)[(i * TN + j) * 4 + e] for e in range(4)]) for j in range(TN)] for i in range(TM)]
-    for s in range(2):
-        for i in range(TM):
-            # PTX A fragment element e: k bit 0 = e & 1, row + 8 if e & 2, k + 8 if e & 4
-            a_in = UOp.stack(*[a[i][(e >> 1) & 1][4 * s + ((e >> 2) & 1) * 2 + (e & 1)] for e in range(8)])
-            for j in range(TN):
-                b_in = UOp.stack(*[b[j][4 * s + e] for e in range(4)])  # B element e: k bit 0 = e & 1, k + 8 if e & 2
-                c[i][j] = UOp.wmma(a_in, b_in, c[i][j], MMA, device, 32)
+    for uu in range(U):
+        k0 = sp * Ks + (kk * U + uu) * CHUNK + t * 8
+        # a[i][h][u]: row g + 8h of A tile i, k = k0 + u; b[j][u]: row g of W tile j
+        a = [[[x[m0 + i * 16 + h * 8 + g, k0 + u] for u in range(8)] for h in range(2)] for i in range(TM)]
+        b = [[w[n0 + j * 8 + g, k0 + u] for u in range(8)] for j in range(TN)]
+        for s in range(2):
+            for i in range(TM):
+                # PTX A fragment element e: k bit 0 = e & 1, row + 8 if e & 2, k + 8 if e & 4
+                a_in = UOp.stack(*[a[i][(e >> 1) & 1][4 * s + ((e >> 2) & 1) * 2 + (e & 1)] for e in range(8)])
+                for j in range(TN):
+                    # B element e: k bit 0 = e & 1, k + 8 if e & 2
+                    b_in = UOp.stack(*[b[j][4 * s + e] for e in range(4)])
+                    c[i][j] = UOp.wmma(a_in, b_in, c[i][j], MMA, device, 32)
     done = UOp.group(*[acc[(i * TN + j) * 4 + e].store(c[i][j].index(e))
                        for i in range(TM) for j in range(TN) for e in range(4)]).end(kk)
     fin = acc.after(done)
