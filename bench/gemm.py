@@ -14,6 +14,7 @@ import argparse
 import json
 import re
 import time
+from dataclasses import replace
 
 SHAPES = {"qkv": (2048, 2560), "o": (2048, 2048), "gate_up": (2048, 11264), "down": (5632, 2048)}  # (K, N)
 
@@ -51,8 +52,6 @@ def plan_candidates(M: int, K: int, N: int, warps: int = 4) -> list:
 def sweep_plans(M: int, K: int, N: int, mats: int, reps: int, plans: list | None = None) -> dict:
     """Every candidate plan at 4 warps a workgroup, then the best two with 1, 2 and 8 warps: {plan: us}. With
     `plans`, just those."""
-    from dataclasses import replace
-
     from tinygrad import Tensor, dtypes
 
     given = plans is not None
@@ -69,6 +68,17 @@ def sweep_plans(M: int, K: int, N: int, mats: int, reps: int, plans: list | None
             if other.fits(M, K, N) and other not in times:
                 times[other] = time_variant(M, K, N, other, mats, reps, {})
     return times
+
+
+def around_measured(M: int, K: int, N: int) -> list:
+    """The measured plan of this shape (worker_svc.tc_gemm.MEASURED_PLANS) with its split halved, kept and doubled;
+    empty where none was measured."""
+    from worker_svc.tc_gemm import MEASURED_PLANS
+
+    plan = MEASURED_PLANS.get((M, K, N))
+    if plan is None:
+        return []
+    return [replace(plan, split=s) for s in (plan.split, plan.split // 2, plan.split * 2) if s >= 1]
 
 
 def time_variant(M: int, K: int, N: int, split, mats: int, reps: int, context: dict) -> float:
@@ -111,6 +121,10 @@ def main() -> None:
     ap.add_argument("--beam", type=int, default=0, help="also time the best split with BEAM=N")
     ap.add_argument("--plans", action="store_true", help="also sweep the custom tensor-core kernel's plans")
     ap.add_argument("--plans-from", default="", help="time only the best 3 plans of each row of this --out file")
+    ap.add_argument("--around-measured", action="store_true",
+                    help="time tc_gemm.MEASURED_PLANS' plan of each row with its split halved, kept and doubled")
+    ap.add_argument("--unrolls", default="1", help="with --plans-from or --around-measured: each plan at these "
+                    "unrolls (chunks of K per loop iteration)")
     ap.add_argument("--mats", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default="")
@@ -135,8 +149,12 @@ def main() -> None:
                 for label, ctx in variants:
                     us = time_variant(M, K, N, split, args.mats, args.reps, ctx)
                     row[f"{label}_s{split}"] = us
-            if args.plans or (name, M) in earlier:
-                times = sweep_plans(M, K, N, args.mats, args.reps, earlier.get((name, M)))
+            given = earlier.get((name, M)) or (around_measured(M, K, N) if args.around_measured else None)
+            if given:
+                given = [p for p in dict.fromkeys(replace(p, unroll=int(u)) for p in given
+                                                  for u in args.unrolls.split(",")) if p.fits(M, K, N)]
+            if args.plans or given:
+                times = sweep_plans(M, K, N, args.mats, args.reps, given)
                 ranked = sorted(times, key=times.get)
                 row["plans"] = {str(p): round(times[p], 2) for p in ranked}
                 row[f"kern_{ranked[0]}"] = times[ranked[0]]
