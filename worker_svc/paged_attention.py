@@ -41,8 +41,11 @@ from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 NEG_BIG = -1e30
 """Running-max start and masked-score value: finite, so exp(m_old - m_new) never computes inf - inf = NaN."""
 
-TARGET_WORKGROUPS = 256
-"""Split the G query heads of a KV head over workgroups until B * KV * splits reaches this (H100/H200: 132 SMs)."""
+TARGET_WORKGROUPS = 512
+"""Split the G query heads of a KV head over workgroups until B * KV * splits reaches this (H100/H200: 132 SMs).
+`python -m bench.attention` on an H200, TinyLlama's heads (KV 4, G 8), per layer: batch 64 at context 256 took
+31.5 us with all 8 heads in each of 256 workgroups of 64 threads, 22.0 us with 4 heads in each of 512 workgroups
+of 128 threads (context 1024: 111.5 -> 71.7 us); batch 256 (1,024 workgroups) is fastest unsplit, at 64 threads."""
 
 
 def _smem_bytes(T: int, C: int, hd: int, gw: int, kstride: int, itemsize: int) -> int:
@@ -314,7 +317,7 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
     (row tables[b, s // block_size] * block_size + s % block_size) is visible iff s <= positions[b].
     Returns (B, KV, G, hd) in out_dtype (accumulation is fp32 whatever it is).
     max_threads: threads per workgroup on GPUs (ignored where the device has no local memory). Default: 64 when
-    B * KV workgroups fill the GPU, else 128 (H100, ctx 2048: B=64 81 vs 93 us, B=256 299 vs 353 us per layer).
+    B * KV workgroups fill the GPU, else 128 (H200, ctx 1024: B=256 180 vs 198 us per layer; see TARGET_WORKGROUPS).
     heads_per_group: query heads per workgroup on GPUs (default: all G unless B * KV workgroups are too few).
     queries_per_table: consecutive rows of q that share a block-table row (a prefill chunk's T tokens, each a row
     with its own position: block_tables then has B / queries_per_table rows). Causal attention within the chunk
