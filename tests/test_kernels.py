@@ -36,12 +36,29 @@ def test_tinyllama_decode_step_kernel_count_on_cuda():
     assert kernels <= MAX_KERNELS_TINYLLAMA_DECODE, f"{kernels} kernels per batch-1 decode step"
 
 
+def kernel_names(output: str, bucket: str) -> dict[str, int]:
+    """kernel name -> launches in one bucket's listing of `bench.kernels -v`"""
+    section = re.split(rf"^{bucket}: .*$", output, maxsplit=1, flags=re.M)[1].lstrip("\n")
+    names: dict[str, int] = {}
+    for line in section.splitlines():
+        m = re.match(r"^\s+(\d+)\s+(\S+)$", line)
+        if not m:
+            break
+        names[m[2]] = names.get(m[2], 0) + int(m[1])
+    return names
+
+
 def test_batches_run_the_custom_tensor_core_product_on_cuda():
-    """From 16 rows on, every projection and the LM head are worker_svc.tc_gemm's kernel when rendered for CUDA."""
-    found = counts(run_in_subprocess("NULL:CUDA:sm_90", "--shape", "demo", "--decode-batch-sizes", "16",
-                                     "--prefill-shapes", "1x16", "--decode-only"))
-    _, with_tensor_cores = found["16x1"]
+    """From 16 rows on, every projection and the LM head are worker_svc.tc_gemm's kernel when rendered for CUDA, and
+    each residual add but the last is one kernel with the norm after it (worker_svc.residual_norm)."""
+    out = run_in_subprocess("NULL:CUDA:sm_90", "--shape", "demo", "--decode-batch-sizes", "16", "--prefill-shapes",
+                            "1x16", "--decode-only", "-v")
+    _, with_tensor_cores = counts(out)["16x1"]
     assert with_tensor_cores == 2 * 4 + 1  # four projections in each of 2 layers, and the LM head
+    names = kernel_names(out, "16x1")
+    assert sum(n for k, n in names.items() if k.startswith("residual_norm_")) == 2 * 2 - 1
+    # the only other norms: the first layer's, before any residual add, and the final one before the LM head
+    assert sum(n for k, n in names.items() if k.startswith("sum_squares_")) == 2
 
 
 def test_batch1_step_renders_for_metal_with_the_one_row_kernels():

@@ -18,6 +18,7 @@ from shared.llama_config import LlamaConfig
 from worker_svc import gemv, tc_gemm
 from worker_svc.kv_cache import PagedKVCache
 from worker_svc.paged_attention import paged_decode_attention
+from worker_svc.residual_norm import residual_norm
 from worker_svc.weights import LlamaWeights
 
 
@@ -159,15 +160,11 @@ class LlamaModel:
                                          queries_per_table=T, table_offset=table_offset)
             return dense(out.reshape(B, T, q_dim))
 
-        def norm_proj(x: Tensor, norm_weight: Tensor, weight: Tensor) -> Tensor:
-            if many:
-                return self.project(rms_norm(x, norm_weight, cfg.rms_norm_eps, materialize=True), weight)
-            return norm_project(x, norm_weight, weight, cfg.rms_norm_eps)
-
+        eps = cfg.rms_norm_eps
         # one row: each product is a worker_svc.gemv kernel with the norm before it, or the SwiGLU before and the
         # residual add after it, fused in: 5 kernels a layer (norm_project's path: 6)
         if B * T == 1 and self.gemv_fits():
-            eps, D = cfg.rms_norm_eps, x.shape[-1]
+            D = x.shape[-1]
             x = x.reshape(D)
             for i, layer in enumerate(w.layers):
                 # the QKV kernel also writes the token's rope(K) and V into the pool (no separate write kernel)
@@ -180,15 +177,32 @@ class LlamaModel:
                 x = gemv.gemv(gate_up, layer.w_down, self.gemv_plan(layer.w_down), swiglu=True, residual=x)
             return x.reshape(B, T, D)
 
-        for i, layer in enumerate(w.layers):
-            qkv = norm_proj(x, layer.attn_norm, layer.wqkv)
+        if not many:  # 2-15 rows: matrix-vector work, each norm fused into the product after it
+            for i, layer in enumerate(w.layers):
+                qkv = norm_project(x, layer.attn_norm, layer.wqkv, eps)
+                pool = self.cache.write(i, qkv.reshape(B * T, -1), q_dim, self.rope_cos, self.rope_sin,
+                                        flat_positions, flat_slots)
+                x = x + self.project(attention(qkv, pool), layer.wo).float()
+                gate, up = norm_project(x, layer.mlp_norm, layer.w_gate_up, eps).chunk(2, dim=-1)
+                x = x + self.project(gate.silu() * up, layer.w_down).float()
+            return x
+
+        # 16 rows and more: the products read plain buffers, and each residual add is one kernel with the norm
+        # after it (worker_svc.residual_norm), which also adds up the product's split-K partials
+        layers = w.layers
+        h = rms_norm(x, layers[0].attn_norm, eps, materialize=True)
+        for i, layer in enumerate(layers):
+            qkv = self.project(h, layer.wqkv)
             pool = self.cache.write(i, qkv.reshape(B * T, -1), q_dim, self.rope_cos, self.rope_sin, flat_positions,
                                     flat_slots)
             attn = attention(qkv, pool)  # (B, T, q_dim) in the weights' dtype, ready for the output projection
-            x = x + self.project(attn, layer.wo).float()
-
-            gate, up = norm_proj(x, layer.mlp_norm, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + self.project(dense(gate.silu() * up), layer.w_down).float()
+            x, h = residual_norm(x, self.partial_products(attn, layer.wo), layer.mlp_norm, eps)
+            gate, up = self.project(h, layer.w_gate_up).chunk(2, dim=-1)
+            down = self.partial_products(dense(gate.silu() * up), layer.w_down)
+            if i + 1 < len(layers):
+                x, h = residual_norm(x, down, layers[i + 1].attn_norm, eps)
+            else:  # the final norm runs in last_logits, on the rows it keeps
+                x = x + down.sum(0, dtype=dtypes.float).reshape(x.shape)
         return x
 
     def gemv_plan(self, weight: Tensor) -> gemv.GemvPlan | None:
@@ -205,15 +219,30 @@ class LlamaModel:
             return False
         return gemv.kv_write_fits(self.gemv_plan(layer.wqkv), layer.wqkv.shape[0], self.config.head_dim)
 
+    def tc_plan(self, h: Tensor, weight: Tensor) -> tc_gemm.GemmPlan | None:
+        """The custom tensor-core kernel's plan for h (..., K) @ weight.T, or None where the device, the dtypes or
+        the shape rule it out."""
+        rows, (N, K) = math.prod(h.shape[:-1]), weight.shape
+        return self.gemm_plan(rows, K, N) if h.dtype == weight.dtype == dtypes.half else None
+
     def project(self, h: Tensor, weight: Tensor, split: bool = True) -> Tensor:
         """h (..., K) @ weight.T for 16 rows and more: the custom tensor-core kernel (worker_svc.tc_gemm) where the
         device and dtypes allow and a plan fits, else tinygrad's product (split over K on devices with tensor
         cores, unless `split` is off)."""
-        rows, (N, K) = math.prod(h.shape[:-1]), weight.shape
-        plan = self.gemm_plan(rows, K, N) if h.dtype == weight.dtype == dtypes.half else None
+        plan = self.tc_plan(h, weight)
         if plan is not None:
             return tc_gemm.tc_project(h, weight, plan)
+        rows, (N, K) = math.prod(h.shape[:-1]), weight.shape
         return project(h, weight, self.split_k(rows, K, N) if split else 1)
+
+    def partial_products(self, h: Tensor, weight: Tensor) -> Tensor:
+        """h (..., K) @ weight.T as partial products over K, (S, rows, N), for worker_svc.residual_norm to add up:
+        the tensor-core kernel's split-K partials as they are, or one whole product (S = 1)."""
+        plan = self.tc_plan(h, weight)
+        rows, K = math.prod(h.shape[:-1]), h.shape[-1]
+        if plan is not None:
+            return tc_gemm.tc_partials(h.reshape(rows, K), weight, plan)
+        return self.project(h, weight).reshape(1, rows, weight.shape[0])
 
     def logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
                num_blocks: UOp | int, last_index: Tensor | None = None, table_offset: int = 0) -> Tensor:

@@ -159,16 +159,22 @@ def _gemm_kernel(out: UOp, x: UOp, w: UOp, plan: GemmPlan, device: str) -> UOp:
     return UOp.group(*stores).end(*outer).sink(arg=KernelInfo(name=f"tc_gemm_{N}_{K}_{plan}", opts_to_apply=()))
 
 
-def tc_project(x: Tensor, w: Tensor, plan: GemmPlan) -> Tensor:
-    """x (..., K) @ w.T for w (N, K), both fp16: the result (..., N) in x's dtype."""
-    *lead, K = x.shape
+def tc_partials(x: Tensor, w: Tensor, plan: GemmPlan) -> Tensor:
+    """x (M, K) @ w.T for w (N, K), both fp16, left as plan.split partial products over K: (split, M, N) in float32
+    with a split, else (1, M, N) in x's dtype. For a consumer that adds them up itself (model.residual_norm)."""
+    M, K = x.shape
     N = w.shape[0]
-    M = math.prod(lead)
     assert plan.fits(M, K, N), f"{plan} does not fit {M}x{K}x{N}"
     device = Device[x.device].renderer.target.device
     shape = (plan.split, M, N) if plan.split > 1 else (M, N)
     out = Tensor.empty(*shape, dtype=dtypes.float if plan.split > 1 else x.dtype, device=x.device)
-    out = out.custom_kernel(x.reshape(M, K), w, fxn=functools.partial(_gemm_kernel, plan=plan, device=device))[0]
-    if plan.split > 1:
-        out = out.sum(0).cast(x.dtype)
-    return out.reshape(*lead, N)
+    out = out.custom_kernel(x, w, fxn=functools.partial(_gemm_kernel, plan=plan, device=device))[0]
+    return out.reshape(plan.split, M, N)
+
+
+def tc_project(x: Tensor, w: Tensor, plan: GemmPlan) -> Tensor:
+    """x (..., K) @ w.T for w (N, K), both fp16: the result (..., N) in x's dtype."""
+    *lead, K = x.shape
+    parts = tc_partials(x.reshape(math.prod(lead), K), w, plan)
+    out = parts.sum(0).cast(x.dtype) if plan.split > 1 else parts[0]
+    return out.reshape(*lead, w.shape[0])
