@@ -9,8 +9,9 @@ from tinygrad import Tensor
 
 from worker_svc.residual_norm import residual_norm, threads_for
 
-# (device, lead dims of x, D, partial products S, their dtype): several warps a row, one warp, a whole fp16 product
-CASES = [("PYTHON", (3,), 256, 4, np.float32), ("PYTHON", (2, 2), 32, 1, np.float16),
+# (device, lead dims of x, D, partial products S, their dtype): 16 warps a row with 2 elements a thread, one warp,
+# a whole fp16 product
+CASES = [("PYTHON", (3,), 1024, 4, np.float32), ("PYTHON", (2, 2), 32, 1, np.float16),
          ("CPU", (5,), 64, 2, np.float32), ("CPU", (2, 3), 48, 1, np.float16)]
 
 
@@ -33,6 +34,6 @@ def test_residual_norm_matches_numpy(device, lead, D, S, dtype):
     assert np.abs(normed - want_n).max() < 4e-3 * np.abs(want_n).max()  # two fp16 roundings
 
 
-def test_gpu_rows_take_up_to_eight_warps():
-    assert threads_for("PYTHON", 2048) == 256 and threads_for("PYTHON", 352) == 32  # 11 warps wide: one warp
+def test_gpu_rows_take_up_to_sixteen_warps():
+    assert threads_for("PYTHON", 2048) == 512 and threads_for("PYTHON", 544) == 32  # 17 warps wide: one warp
     assert threads_for("PYTHON", 96) == 96 and threads_for("PYTHON", 48) == 1 and threads_for("CPU", 2048) == 1

@@ -6,8 +6,8 @@ product (at the TinyLlama shape, 134 of a batch-64 step's 366 kernels, each a la
 rows). Here one workgroup per row does all of it: thread t takes elements d = t, t + T, ... of the row (a warp's
 loads are consecutive), adds the S partial products to the residual, writes the new residual, and keeps its share
 of the sum of squares; the shares are added in shared memory in two stages (each warp's lanes, then the warps);
-then each thread reads back its own elements of the new residual and writes them normed. On devices without local
-memory (CPU) the same code runs with one thread per row.
+then each thread writes its elements normed. On devices without local memory (CPU) one thread per row runs the
+same steps as two loops over the row.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 
 LANES = 32      # threads per warp
-MAX_WARPS = 8   # threads per row on GPUs: up to 256
+MAX_WARPS = 16  # threads per row on GPUs: up to 512
 
 
 def threads_for(device: str, D: int) -> int:
@@ -34,43 +34,46 @@ def _residual_norm_kernel(x_out: UOp, normed: UOp, x: UOp, delta: UOp, weight: U
     S = delta.shape[0]
     T, local = threads, threads > 1
     W = T // LANES if local else 1
-    f32, wi = dtypes.float, dtypes.weakint
-    zero = UOp.const(0, wi)
+    f32 = dtypes.float
+    zero = UOp.const(0, dtypes.weakint)
     r = UOp.range(rows, 0)
     lane = UOp.range(LANES, 1, AxisType.WARP) if local else zero
     wp = UOp.range(W, 2, AxisType.WARP) if local and W > 1 else zero
     t = wp * LANES + lane
     outer = tuple(u for u in (r, lane, wp) if u.op is Ops.RANGE)
 
-    # pass 1: new residual = residual + the S partial products, this thread's share of its sum of squares
-    acc = UOp.placeholder((1,), f32, 0, addrspace=AddrSpace.REG)
-    acc = acc.after(acc.after(*outer)[0].store(0.0))
-    j = UOp.range(D // T, 3, AxisType.REDUCE)
-    d = j * T + t
-    parts = [delta[s, r, d].cast(f32) for s in range(S)]
-    v = x[r, d] + sum(parts[1:], parts[0])
-    pass1 = UOp.group(x_out[r, d].store(v), acc[0].store(acc.after(j)[0] + v * v)).end(j)
-    sq = acc.after(pass1)[0]
-
-    if local:  # T shares -> each warp's sum -> the row's, in shared memory
-        red = UOp.placeholder((T,), f32, 1, addrspace=AddrSpace.LOCAL)
-        red = red.after(red[t].store(sq).barrier())
+    if local:
+        # GPU: thread t's D / T elements are few (4 at TinyLlama's D = 2048), so its loop is unrolled and every load
+        # (the residual and S partials of each element) is issued at once: with one workgroup per row, a rolled loop
+        # paid one memory latency per element
+        ds = [jj * T + t for jj in range(D // T)]
+        vs = [x[r, d] + _sum([delta[s, r, d].cast(f32) for s in range(S)]) for d in ds]
+        red = UOp.placeholder((T,), f32, 1, addrspace=AddrSpace.LOCAL)  # T shares -> each warp's sum -> the row's
+        red = red.after(red[t].store(_sum([v * v for v in vs])).barrier())
         red2 = UOp.placeholder((W,), f32, 2, addrspace=AddrSpace.LOCAL)
         ok = t < W
-        lane_sums = [red[(t * LANES + i).valid(ok)] for i in range(LANES)]
-        red2 = red2.after(red2[t.valid(ok)].store(sum(lane_sums[1:], lane_sums[0])).barrier())
-        total = sum((red2[i] for i in range(1, W)), red2[0])
+        red2 = red2.after(red2[t.valid(ok)].store(_sum([red[(t * LANES + i).valid(ok)] for i in range(LANES)])).barrier())
+        inv_rms = (_sum([red2[i] for i in range(W)]) * (1.0 / D) + eps).rsqrt()
+        # rounded to the weight's dtype before the weight multiplies it, as model.rms_norm does
+        stores = [x_out[r, d].store(v) for d, v in zip(ds, vs)]
+        stores += [normed[r, d].store((v * inv_rms).cast(normed.dtype) * weight[d]) for d, v in zip(ds, vs)]
+        done = UOp.group(*stores)
     else:
-        total = sq
-    inv_rms = (total * (1.0 / D) + eps).rsqrt()
+        # CPU, one thread a row: a loop that writes the new residual and sums its squares, then one that reads
+        # the row back and writes it normed
+        acc = UOp.placeholder((1,), f32, 0, addrspace=AddrSpace.REG)
+        acc = acc.after(acc.after(*outer)[0].store(0.0))
+        j = UOp.range(D, 3, AxisType.REDUCE)
+        v = x[r, j] + _sum([delta[s, r, j].cast(f32) for s in range(S)])
+        pass1 = UOp.group(x_out[r, j].store(v), acc[0].store(acc.after(j)[0] + v * v)).end(j)
+        inv_rms = (acc.after(pass1)[0] * (1.0 / D) + eps).rsqrt()
+        j2 = UOp.range(D, 4)
+        done = normed[r, j2].store((x_out.after(pass1)[r, j2] * inv_rms).cast(normed.dtype) * weight[j2]).end(j2)
+    return done.end(*outer).sink(arg=KernelInfo(name=f"residual_norm_{D}_s{S}", opts_to_apply=()))
 
-    # pass 2: this thread's own elements of the new residual (its own writes: no barrier needed), normed. Rounded
-    # to the weight's dtype before the weight multiplies it, as model.rms_norm does
-    j2 = UOp.range(D // T, 4)
-    d2 = j2 * T + t
-    xv = x_out.after(pass1)[r, d2]
-    store = normed[r, d2].store((xv * inv_rms).cast(normed.dtype) * weight[d2])
-    return store.end(j2).end(*outer).sink(arg=KernelInfo(name=f"residual_norm_{D}_s{S}", opts_to_apply=()))
+
+def _sum(xs: list[UOp]) -> UOp:
+    return sum(xs[1:], xs[0])
 
 
 def residual_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
