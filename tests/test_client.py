@@ -62,12 +62,20 @@ def test_errors_are_one_line(command, tmp_path, scheduler_address, args, expecte
 
 
 def test_ctrl_c_stops_quietly(command, tmp_path, scheduler_address):
-    proc = subprocess.Popen([*command, "--server", scheduler_address, "--max-tokens", "200", "--ignore-eos",
-                             "Once upon a time"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.read(len("Once upon a time") + 1)  # generation has started
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and b"Traceback" not in err and b"[interrupted]" in err
+    # the demo model can stream all 200 tokens before this process gets to send the signal (it did twice in a full
+    # suite on 2 cores): such a run shows nothing about Ctrl-C, so it is run again, up to 5 times
+    for _ in range(5):
+        proc = subprocess.Popen([*command, "--server", scheduler_address, "--max-tokens", "200", "--ignore-eos",
+                                 "Once upon a time"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout.read(len("Once upon a time") + 1)  # generation has started
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert b"Traceback" not in err, err
+        if proc.returncode == 0 and b"200 new tokens]" in err:
+            continue  # finished before the signal
+        assert proc.returncode == 130 and b"[interrupted]" in err, (proc.returncode, err)
+        return
+    pytest.fail("every stream finished before its SIGINT")
 
 
 def test_control_characters_are_escaped():
