@@ -157,10 +157,11 @@ def rotate(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarra
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
 
 
-@pytest.mark.parametrize("device", [None, "PYTHON"])
-def test_query_rotated_in_the_kernel_from_a_fused_qkv_row(device):
+@pytest.mark.parametrize("device, parts", [(None, 0), ("PYTHON", 0), (None, 3), ("PYTHON", 2)])
+def test_query_rotated_in_the_kernel_from_a_fused_qkv_row(device, parts):
     """q read from the first columns of a wider (B, N) buffer (the QKV projection's output, no copy), rotated for
-    each row's position inside the kernel, output in fp16: equals rotating first, then attending."""
+    each row's position inside the kernel, output in fp16: equals rotating first, then attending. With parts, the
+    buffer is (parts, B, N) partial products that the kernel adds up."""
     KV, G, hd, nb = 2, 2, 8, 5
     q, pool, tables, pos = make_inputs(3, KV, G, hd, np.float32, seed=7, positions=[0, 9, 17], num_blocks=nb)
     rng = np.random.default_rng(8)
@@ -168,6 +169,9 @@ def test_query_rotated_in_the_kernel_from_a_fused_qkv_row(device):
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     qkv = np.concatenate([q.reshape(3, -1), rng.standard_normal((3, 2 * KV * hd)).astype(np.float32)], 1)
     rope = (Tensor(cos, device=device), Tensor(sin, device=device))
+    if parts:
+        split = rng.standard_normal((parts - 1, *qkv.shape)).astype(np.float32)
+        qkv = np.concatenate([split, (qkv - split.sum(0))[None]])
     out = paged_decode_attention(Tensor(qkv, device=device), Tensor(pool, device=device),
                                  Tensor(tables, device=device), Tensor(pos, device=device), nb, BS, KV, hd,
                                  num_heads=KV * G, rope=rope, out_dtype=dtypes.float16,

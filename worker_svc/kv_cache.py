@@ -23,7 +23,14 @@ def _write_slots_kernel(pool: UOp, qkv: UOp, rope_cos: UOp, rope_sin: UOp, posit
     the rotated K and V for it. On GPUs a row of a token's K or V is one workgroup of up to 256 threads; without that,
     every element was a workgroup of one thread (29 us per layer for 64 tokens on the H200)."""
     _, rows, width = pool.shape  # width = kv_dim
-    tokens = qkv.shape[0]
+    tokens = qkv.shape[-2]
+
+    def at(col: UOp) -> UOp:
+        """Token i's element at col in fp32: qkv[i, col], or the sum of its partial products qkv[:, i, col]."""
+        if len(qkv.shape) == 2:
+            return qkv[i, col].cast(dtypes.float32)
+        parts = [qkv[s, i, col].cast(dtypes.float32) for s in range(qkv.shape[0])]
+        return sum(parts[1:], parts[0])
     threads = math.gcd(width, max_threads)
     c, i = UOp.range(2, 0), UOp.range(tokens, 1)
     j_ranges = (UOp.range(width // threads, 2),) + ((UOp.range(threads, 3, AxisType.LOCAL),) if threads > 1 else ())
@@ -34,8 +41,8 @@ def _write_slots_kernel(pool: UOp, qkv: UOp, rope_cos: UOp, rope_sin: UOp, posit
     # clamped so that tinygrad knows the bounds (else it wraps the table index in a 64-bit modulo)
     pos = positions[i].cast(dtypes.weakint).maximum(0).minimum(rope_cos.shape[0] - 1)
     freq = first.where(d, d - half)
-    x = qkv[i, q_dim + c * width + j].cast(dtypes.float32)
-    partner = qkv[i, q_dim + first.where(j + half, j - half)].cast(dtypes.float32)  # K's rotation partner
+    x = at(q_dim + c * width + j)
+    partner = at(q_dim + first.where(j + half, j - half))  # K's rotation partner
     rotated = x * rope_cos[pos, freq] + first.where(-partner, partner) * rope_sin[pos, freq]
     value = c.eq(0).where(rotated, x).cast(pool.dtype)
     store = pool[c, slots[i].cast(dtypes.weakint), j].store(value)
@@ -66,7 +73,8 @@ class PagedKVCache:
     def write(self, layer: int, qkv: Tensor, q_dim: int, rope_cos: Tensor, rope_sin: Tensor, positions: Tensor,
               slots: Tensor) -> Tensor:
         """Store rope(K) and V of each token of the fused QKV rows `qkv` (tokens, q_dim + 2 * kv_dim) at `slots`
-        (tokens,), K rotated for `positions` (tokens,) with the (max_context, head_dim / 2) fp32 tables. Returns the
+        (tokens,), K rotated for `positions` (tokens,) with the (max_context, head_dim / 2) fp32 tables. qkv may
+        also be (S, tokens, q_dim + 2 * kv_dim), S partial products over K that the kernel adds up. Returns the
         layer's pool ordered after the write."""
         fxn = functools.partial(self._write_kernel, q_dim=q_dim, head_dim=self.head_dim)
         return self.pools[layer].custom_kernel(qkv, rope_cos, rope_sin, positions, slots, fxn=fxn)[0]

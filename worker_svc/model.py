@@ -147,18 +147,18 @@ class LlamaModel:
         # projection ran at 50 GB/s that way). Fewer rows are matrix-vector work, where the fused input costs
         # little and the extra kernels (2 or 3 per layer) would cost a launch each.
         many = B * T >= 16
-        dense = (lambda t: t.contiguous()) if many else (lambda t: t)
         x = w.embed[tokens].float()  # residual stream in fp32
         flat_slots, flat_positions = slots.reshape(B * T), positions.reshape(B * T)
         # one fused kernel per layer rotates q and reads K and V in place through the block table. A prefill
         # chunk's T tokens are T query rows of that kernel sharing their sequence's table row: causal attention is
         # each token's own position mask, and the chunk's keys are in the pool before it runs (cache.write)
         def attention(qkv: Tensor, pool: Tensor) -> Tensor:
-            out = paged_decode_attention(qkv.reshape(B * T, -1), pool, block_tables, flat_positions, num_blocks,
+            """qkv: the QKV product's (B * T, N) rows, or (S, B * T, N) partial products of them."""
+            out = paged_decode_attention(qkv, pool, block_tables, flat_positions, num_blocks,
                                          self.cache.block_size, KV, hd, num_heads=H,
                                          rope=(self.rope_cos, self.rope_sin), out_dtype=self.cache.dtype,
                                          queries_per_table=T, table_offset=table_offset)
-            return dense(out.reshape(B, T, q_dim))
+            return out.reshape(B, T, q_dim)
 
         eps = cfg.rms_norm_eps
         # one row: each product is a worker_svc.gemv kernel with the norm before it, or the SwiGLU before and the
@@ -171,7 +171,7 @@ class LlamaModel:
                 qkv, pool = gemv.gemv_qkv(x, layer.wqkv, self.gemv_plan(layer.wqkv), (layer.attn_norm, eps),
                                           self.cache.pools[i], (self.rope_cos, self.rope_sin), flat_positions,
                                           flat_slots, q_dim, hd)
-                attn = attention(qkv, pool).reshape(q_dim)
+                attn = attention(qkv.reshape(1, -1), pool).reshape(q_dim)
                 x = gemv.gemv(attn, layer.wo, self.gemv_plan(layer.wo), residual=x)
                 gate_up = gemv.gemv(x, layer.w_gate_up, self.gemv_plan(layer.w_gate_up), norm=(layer.mlp_norm, eps))
                 x = gemv.gemv(gate_up, layer.w_down, self.gemv_plan(layer.w_down), swiglu=True, residual=x)
@@ -179,26 +179,29 @@ class LlamaModel:
 
         if not many:  # 2-15 rows: matrix-vector work, each norm fused into the product after it
             for i, layer in enumerate(w.layers):
-                qkv = norm_project(x, layer.attn_norm, layer.wqkv, eps)
-                pool = self.cache.write(i, qkv.reshape(B * T, -1), q_dim, self.rope_cos, self.rope_sin,
-                                        flat_positions, flat_slots)
+                qkv = norm_project(x, layer.attn_norm, layer.wqkv, eps).reshape(B * T, -1)
+                pool = self.cache.write(i, qkv, q_dim, self.rope_cos, self.rope_sin, flat_positions, flat_slots)
                 x = x + self.project(attention(qkv, pool), layer.wo).float()
                 gate, up = norm_project(x, layer.mlp_norm, layer.w_gate_up, eps).chunk(2, dim=-1)
                 x = x + self.project(gate.silu() * up, layer.w_down).float()
             return x
 
-        # 16 rows and more: the products read plain buffers, and each residual add is one kernel with the norm
-        # after it (worker_svc.residual_norm), which also adds up the product's split-K partials
+        # 16 rows and more: the products read plain buffers, and their split-K partials are added up by the kernels
+        # that read them: the K/V write and attention (QKV), worker_svc.residual_norm (O, down: each residual add
+        # is one kernel with the norm after it), the SwiGLU (gate/up)
         layers = w.layers
         h = rms_norm(x, layers[0].attn_norm, eps, materialize=True)
         for i, layer in enumerate(layers):
-            qkv = self.project(h, layer.wqkv)
-            pool = self.cache.write(i, qkv.reshape(B * T, -1), q_dim, self.rope_cos, self.rope_sin, flat_positions,
-                                    flat_slots)
+            qkv = self.partial_products(h, layer.wqkv)
+            pool = self.cache.write(i, qkv, q_dim, self.rope_cos, self.rope_sin, flat_positions, flat_slots)
             attn = attention(qkv, pool)  # (B, T, q_dim) in the weights' dtype, ready for the output projection
             x, h = residual_norm(x, self.partial_products(attn, layer.wo), layer.mlp_norm, eps)
-            gate, up = self.project(h, layer.w_gate_up).chunk(2, dim=-1)
-            down = self.partial_products(dense(gate.silu() * up), layer.w_down)
+            # SwiGLU straight from the gate/up product's partials: one kernel sums gate's and up's (a summed
+            # product that both halves read is a kernel of its own)
+            gate_up = self.partial_products(h, layer.w_gate_up)
+            inter = gate_up.shape[-1] // 2
+            gate, up = (part.sum(0, dtype=dtypes.float) for part in (gate_up[..., :inter], gate_up[..., inter:]))
+            down = self.partial_products((gate.silu() * up).cast(h.dtype).contiguous(), layer.w_down)
             if i + 1 < len(layers):
                 x, h = residual_norm(x, down, layers[i + 1].attn_norm, eps)
             else:  # the final norm runs in last_logits, on the rows it keeps

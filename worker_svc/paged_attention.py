@@ -147,6 +147,13 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
     pa_r = UOp.placeholder((gw * KD,), f32, 15, addrspace=AddrSpace.REG)  # chunk's p * v
     pl_r = UOp.placeholder((gw,), f32, 16, addrspace=AddrSpace.REG)      # chunk's p
 
+    def q_at(col: UOp) -> UOp:
+        """Row b's query element at col in fp32: q[b, col], or the sum of its partial products q[:, b, col]."""
+        if len(q.shape) == 2:
+            return q[b, col].cast(f32)
+        parts = [q[s, b, col].cast(f32) for s in range(q.shape[0])]
+        return sum(parts[1:], parts[0])
+
     # q rounded to the pool dtype like the Tensor code's q.cast(keys.dtype). Storing it in a buffer of that dtype
     # is what makes the rounding happen: tinygrad folds a float -> half -> float cast chain away
     def stage_q(i: UOp) -> UOp:
@@ -154,13 +161,13 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
         ok = qi < gw * hd
         d = qi % hd
         col = ((h * G + gs * gw + qi // hd) * hd + d).valid(ok)
-        x = q[b, col].cast(f32)
+        x = q_at(col)
         if rope_cos is not None:  # Hugging Face's rotate-half layout, in fp32 like the NumPy reference
             half = hd // 2
             first = d < half
             pos = positions[b].cast(wi).maximum(0).minimum(rope_cos.shape[0] - 1)
             freq = first.where(d, d - half)
-            partner = q[b, first.where(col + half, col - half)].cast(f32)
+            partner = q_at(first.where(col + half, col - half))
             x = x * rope_cos[pos, freq] + first.where(-partner, partner) * rope_sin[pos, freq]
         return q_s[qi.valid(ok)].store(x.cast(pdt))
     q_sh = q_s.after(sync(loop((gw * hd + T - 1) // T, stage_q, unroll=local)))
@@ -312,7 +319,8 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
     """softmax(q.k / sqrt(hd)) @ v over each row's visible slots, read in place from the paged pool, in one kernel.
 
     q: (B, KV, G, hd), or (B, N) whose first num_heads * hd columns are the query heads (the fused QKV projection's
-    output, read without a copy), any float dtype (rounded to the pool dtype like the Tensor code). rope: the
+    output, read without a copy), or (S, B, N): S partial products over K of that projection, which the kernel adds
+    up (no kernel of their own); any float dtype (rounded to the pool dtype like the Tensor code). rope: the
     (max_position, hd / 2) fp32 cos and sin tables, to rotate q for `positions` inside the kernel (one kernel fewer
     than rotating it first). pool: (2, rows, KV * hd), K at [0] and V at [1]. block_tables: (B, W) int32, of which
     the first num_blocks columns are read; num_blocks is an int or a bound UOp.variable. positions: (B,) int32; slot s
@@ -333,8 +341,9 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
         q = q.reshape(B, KV * G * hd)
     else:
         assert num_heads is not None and num_heads % KV == 0, "a (B, N) q needs num_heads, a multiple of KV"
-        B, G = q.shape[0], num_heads // KV
-        assert q.shape[1] >= KV * G * hd, f"q {q.shape} holds fewer than {num_heads} heads of {hd}"
+        assert q.ndim in (2, 3), f"q {q.shape}: (B, KV, G, hd), (B, N) or (S, B, N)"
+        B, G = q.shape[-2], num_heads // KV
+        assert q.shape[-1] >= KV * G * hd, f"q {q.shape} holds fewer than {num_heads} heads of {hd}"
     assert pool.shape[0] == 2 and pool.shape[2] == KV * hd and pool.shape[1] % block_size == 0, f"pool {pool.shape}"
     assert block_tables.ndim == 2 and block_tables.shape[0] * queries_per_table == B and positions.shape == (B,)
     renderer = Device[pool.device if isinstance(pool.device, str) else pool.device[0]].renderer

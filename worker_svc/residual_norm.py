@@ -52,7 +52,8 @@ def _residual_norm_kernel(x_out: UOp, normed: UOp, x: UOp, delta: UOp, weight: U
         red = red.after(red[t].store(_sum([v * v for v in vs])).barrier())
         red2 = UOp.placeholder((W,), f32, 2, addrspace=AddrSpace.LOCAL)
         ok = t < W
-        red2 = red2.after(red2[t.valid(ok)].store(_sum([red[(t * LANES + i).valid(ok)] for i in range(LANES)])).barrier())
+        warp_sum = _sum([red[(t * LANES + i).valid(ok)] for i in range(LANES)])
+        red2 = red2.after(red2[t.valid(ok)].store(warp_sum).barrier())
         inv_rms = (_sum([red2[i] for i in range(W)]) * (1.0 / D) + eps).rsqrt()
         # rounded to the weight's dtype before the weight multiplies it, as model.rms_norm does
         stores = [x_out[r, d].store(v) for d, v in zip(ds, vs)]

@@ -46,7 +46,8 @@ class GemmPlan:
                 and K % (CHUNK * self.split * self.unroll) == 0)
 
     def __str__(self) -> str:
-        return f"m{self.m_tiles}n{self.n_tiles}w{self.warps}s{self.split}" + (f"u{self.unroll}" if self.unroll > 1 else "")
+        unroll = f"u{self.unroll}" if self.unroll > 1 else ""
+        return f"m{self.m_tiles}n{self.n_tiles}w{self.warps}s{self.split}{unroll}"
 
 
 # Best plans of `python -m bench.gemm --plans` on an H200 (bench/results/h200-gemm-plans-2026-11-28.log), for the
