@@ -12,7 +12,8 @@ positions 4s .. 4s+3 of those to the s-th mma (s = 0, 1) where the PTX layout of
 
 Work layout: a warp computes (16 m_tiles) x (8 n_tiles) outputs over K / split; `warps` warps of a workgroup take
 neighbouring column tiles of the same rows, so they read the same activations (from the L1 cache). With split > 1
-the kernel writes split partial products in fp32 and a second kernel sums them (split-K: more warps for few rows).
+the kernel writes split partial products in fp32 (split-K: more warps for few rows): `tc_project` sums them in a
+second kernel, `tc_partials` leaves them to the kernel that reads the product (the model's consumers add them up).
 Only the CUDA m16n8k16 fp16 layout is written; elsewhere (CPU, Metal) `supports` is false and the model keeps
 tinygrad's own products. tinygrad's PYTHON device emulates this layout (DEV=PYTHON::sm_80), which is how the CPU
 tests check the kernel against NumPy.
