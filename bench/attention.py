@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 
 def time_attention(B: int, ctx: int, threads: int | None, gw: int | None, layers: int, reps: int,
                    KV: int = 4, G: int = 8, hd: int = 64, block: int = 16) -> float:
     """Microseconds per attention call of B rows at context `ctx` (every row's position ctx - 1)."""
     import numpy as np
-    from tinygrad import Device, Tensor, TinyJit, dtypes
+    from tinygrad import Tensor, TinyJit, dtypes
 
+    from bench.gemm import replay_seconds
     from worker_svc.paged_attention import paged_decode_attention
 
     nb = ctx // block
@@ -34,14 +34,7 @@ def time_attention(B: int, ctx: int, threads: int | None, gw: int | None, layers
             q = out.reshape(B, -1).contiguous().realize()
         return q
 
-    for _ in range(3):
-        step(q)
-    Device[Device.DEFAULT].synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        step(q)
-    Device[Device.DEFAULT].synchronize()
-    return (time.perf_counter() - t0) / reps / layers * 1e6
+    return replay_seconds(step, q, reps) / layers * 1e6
 
 
 def main() -> None:
@@ -60,7 +53,7 @@ def main() -> None:
     results = []
     for B in map(int, args.rows.split(",")):
         for ctx in map(int, args.contexts.split(",")):
-            kv_bytes = B * ctx * 2 * 4 * 64 * 2
+            kv_bytes = B * ctx * 2 * 4 * 64 * 2  # K and V of 4 KV heads of 64, fp16: time_attention's defaults
             row: dict = dict(rows=B, context=ctx)
             for t in map(int, args.threads.split(",")):
                 for g in map(int, args.heads_per_group.split(",")):

@@ -87,8 +87,7 @@ def time_variant(M: int, K: int, N: int, split, mats: int, reps: int, context: d
     output through one small elementwise kernel (included in the figure, as a norm or activation sits between a
     step's products), so the products run one after another, as in a step: independent kernels of a graph would
     overlap and hide a kernel's low occupancy. Timing a lone kernel instead leaves the GPU at low clocks."""
-    from tinygrad import Device, Tensor, TinyJit, dtypes
-    from tinygrad.helpers import Context
+    from tinygrad import Tensor, TinyJit, dtypes
 
     ws = [Tensor.randn(N, K, dtype=dtypes.half).realize() for _ in range(mats)]
     x = Tensor.randn(M, K, dtype=dtypes.half).realize()
@@ -101,15 +100,24 @@ def time_variant(M: int, K: int, N: int, split, mats: int, reps: int, context: d
             out = product(inp, w, split).realize()
         return out
 
-    with Context(**context):
+    return replay_seconds(step, x, reps, context) / mats * 1e6
+
+
+def replay_seconds(step, arg, reps: int, context: dict | None = None) -> float:
+    """Seconds per call of a TinyJit function, replayed `reps` times after 3 calls that capture it (under
+    tinygrad Context `context`, where the kernels get compiled)."""
+    from tinygrad import Device
+    from tinygrad.helpers import Context
+
+    with Context(**(context or {})):
         for _ in range(3):
-            step(x)
+            step(arg)
     Device[Device.DEFAULT].synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
-        step(x)
+        step(arg)
     Device[Device.DEFAULT].synchronize()
-    return (time.perf_counter() - t0) / reps / mats * 1e6
+    return (time.perf_counter() - t0) / reps
 
 
 def main() -> None:
