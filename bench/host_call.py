@@ -17,6 +17,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=["demo", "tinyllama"], default="demo")
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2, help="decode steps per call (the scheduler's default: 2)")
+    ap.add_argument("--tokens", type=int, default=1, help="prompt tokens per row: above 1, a prefill call of the "
+                    "ROWSxTOKENS bucket (the path of a request's first token)")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--profile", type=int, default=0, help="also print the N most expensive functions")
     args = ap.parse_args()
@@ -29,16 +31,19 @@ def main() -> None:
     from worker_svc.runner import ModelRunner
 
     compat.apply_for(Device.DEFAULT)
-    runner = ModelRunner(empty_model(args.shape, 256, 2048), [args.rows], [(1, 128)], max_steps=max(args.steps, 2))
-    runner.capture(args.rows, 1)
-    batch = runner.dummy_batch(args.rows, 1, num_steps=args.steps)
+    prefill = (args.rows, args.tokens) if args.tokens > 1 else (1, 128)
+    runner = ModelRunner(empty_model(args.shape, 256, 2048), [args.rows], [prefill], max_steps=max(args.steps, 2))
+    runner.capture(args.rows, args.tokens)
+    steps = 1 if args.tokens > 1 else args.steps
+    batch = runner.dummy_batch(args.rows, args.tokens, num_steps=steps)
     for _ in range(5):
         runner.execute(batch)
     t0 = time.perf_counter()
     for _ in range(args.calls):
         runner.execute(batch)
     ms = (time.perf_counter() - t0) / args.calls * 1e3
-    print(f"{args.shape}, {args.rows} row(s), {args.steps}-step calls: {ms:.3f} ms of host time per call")
+    call = f"{args.rows}x{args.tokens} prefill calls" if args.tokens > 1 else f"{args.rows} row(s), {steps}-step calls"
+    print(f"{args.shape}, {call}: {ms:.3f} ms of host time per call")
     if args.profile:
         import cProfile
         import pstats
