@@ -239,8 +239,9 @@ class LlamaModel:
         return project(h, weight, self.split_k(rows, K, N) if split else 1)
 
     def partial_products(self, h: Tensor, weight: Tensor) -> Tensor:
-        """h (..., K) @ weight.T as partial products over K, (S, rows, N), for worker_svc.residual_norm to add up:
-        the tensor-core kernel's split-K partials as they are, or one whole product (S = 1)."""
+        """h (..., K) @ weight.T as partial products over K, (S, rows, N), for the kernels that read the product to
+        add up (the K/V write, attention, worker_svc.residual_norm, the SwiGLU): the tensor-core kernel's split-K
+        partials as they are, or one whole product (S = 1)."""
         plan = self.tc_plan(h, weight)
         rows, K = math.prod(h.shape[:-1]), h.shape[-1]
         if plan is not None:
