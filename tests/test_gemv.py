@@ -10,6 +10,7 @@ from tinygrad import Tensor
 from tests.models import build_model
 from tests.reference import NumpyLlama
 from tests.test_forward import BLOCK, close, run
+from tests.test_paged_attention import rotate
 from worker_svc.gemv import GemvPlan, gemv, gemv_qkv, kv_write_fits, plan_for
 
 
@@ -74,8 +75,7 @@ def test_qkv_kernel_writes_rotated_k_and_v_into_the_pool(device, plan):
     xf = x.astype(np.float64)
     want = w.astype(np.float64) @ (xf * g / np.sqrt((xf * xf).mean() + 1e-5))
     k, v = want[q_dim:q_dim + kv_dim].reshape(KV, hd), want[q_dim + kv_dim:]
-    half = hd // 2
-    rotated = k * np.tile(cos[pos], 2) + np.concatenate([-k[:, half:], k[:, :half]], axis=1) * np.tile(sin[pos], 2)
+    rotated = rotate(k[None], np.array([pos]), cos, sin)[0]
     for got, ref in ((qkv, want), (pool[0, slot], rotated.reshape(-1)), (pool[1, slot], v)):
         assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-3  # fp16 rounding
     assert not np.delete(pool, slot, axis=1).any(), "a slot other than the token's was written"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from tinygrad import Tensor, dtypes
 
+from tests.test_paged_attention import rotate
 from worker_svc.kv_cache import PagedKVCache
 
 
@@ -28,9 +29,7 @@ def test_write_stores_rotated_k_and_v_in_the_slots(device, parts):
                        Tensor(positions, device=device), Tensor(slots, device=device)).numpy()
 
     k = qkv[:, q_dim:q_dim + kv_dim].reshape(3, KV, hd).astype(np.float64)
-    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
-    k1, k2 = k[..., :hd // 2], k[..., hd // 2:]
     want = np.zeros((2, blocks * bs, kv_dim))
-    want[0, slots] = np.concatenate([k1 * c - k2 * s, k2 * c + k1 * s], -1).reshape(3, kv_dim)
+    want[0, slots] = rotate(k, positions, cos, sin).reshape(3, kv_dim)
     want[1, slots] = qkv[:, q_dim + kv_dim:]
     np.testing.assert_allclose(pool, want, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,8 @@ from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import AxisType, KernelInfo
 
+from worker_svc.tc_gemm import partials_at
+
 NULL_BLOCK = 0
 """Block 0 is never handed to a sequence: padded rows, padded tokens and unallocated table entries point at it."""
 
@@ -24,13 +26,6 @@ def _write_slots_kernel(pool: UOp, qkv: UOp, rope_cos: UOp, rope_sin: UOp, posit
     every element was a workgroup of one thread (29 us per layer for 64 tokens on the H200)."""
     _, rows, width = pool.shape  # width = kv_dim
     tokens = qkv.shape[-2]
-
-    def at(col: UOp) -> UOp:
-        """Token i's element at col in fp32: qkv[i, col], or the sum of its partial products qkv[:, i, col]."""
-        if len(qkv.shape) == 2:
-            return qkv[i, col].cast(dtypes.float32)
-        parts = [qkv[s, i, col].cast(dtypes.float32) for s in range(qkv.shape[0])]
-        return sum(parts[1:], parts[0])
     threads = math.gcd(width, max_threads)
     c, i = UOp.range(2, 0), UOp.range(tokens, 1)
     j_ranges = (UOp.range(width // threads, 2),) + ((UOp.range(threads, 3, AxisType.LOCAL),) if threads > 1 else ())
@@ -41,8 +36,8 @@ def _write_slots_kernel(pool: UOp, qkv: UOp, rope_cos: UOp, rope_sin: UOp, posit
     # clamped so that tinygrad knows the bounds (else it wraps the table index in a 64-bit modulo)
     pos = positions[i].cast(dtypes.weakint).maximum(0).minimum(rope_cos.shape[0] - 1)
     freq = first.where(d, d - half)
-    x = at(q_dim + c * width + j)
-    partner = at(q_dim + first.where(j + half, j - half))  # K's rotation partner
+    x = partials_at(qkv, i, q_dim + c * width + j)
+    partner = partials_at(qkv, i, q_dim + first.where(j + half, j - half))  # K's rotation partner
     rotated = x * rope_cos[pos, freq] + first.where(-partner, partner) * rope_sin[pos, freq]
     value = c.eq(0).where(rotated, x).cast(pool.dtype)
     store = pool[c, slots[i].cast(dtypes.weakint), j].store(value)

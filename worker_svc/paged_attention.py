@@ -38,6 +38,8 @@ from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import AddrSpace, DType
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 
+from worker_svc.tc_gemm import partials_at
+
 NEG_BIG = -1e30
 """Running-max start and masked-score value: finite, so exp(m_old - m_new) never computes inf - inf = NaN."""
 
@@ -147,13 +149,6 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
     pa_r = UOp.placeholder((gw * KD,), f32, 15, addrspace=AddrSpace.REG)  # chunk's p * v
     pl_r = UOp.placeholder((gw,), f32, 16, addrspace=AddrSpace.REG)      # chunk's p
 
-    def q_at(col: UOp) -> UOp:
-        """Row b's query element at col in fp32: q[b, col], or the sum of its partial products q[:, b, col]."""
-        if len(q.shape) == 2:
-            return q[b, col].cast(f32)
-        parts = [q[s, b, col].cast(f32) for s in range(q.shape[0])]
-        return sum(parts[1:], parts[0])
-
     # q rounded to the pool dtype like the Tensor code's q.cast(keys.dtype). Storing it in a buffer of that dtype
     # is what makes the rounding happen: tinygrad folds a float -> half -> float cast chain away
     def stage_q(i: UOp) -> UOp:
@@ -161,13 +156,13 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
         ok = qi < gw * hd
         d = qi % hd
         col = ((h * G + gs * gw + qi // hd) * hd + d).valid(ok)
-        x = q_at(col)
+        x = partials_at(q, b, col)
         if rope_cos is not None:  # Hugging Face's rotate-half layout, in fp32 like the NumPy reference
             half = hd // 2
             first = d < half
             pos = positions[b].cast(wi).maximum(0).minimum(rope_cos.shape[0] - 1)
             freq = first.where(d, d - half)
-            partner = q_at(first.where(col + half, col - half))
+            partner = partials_at(q, b, first.where(col + half, col - half))
             x = x * rope_cos[pos, freq] + first.where(-partner, partner) * rope_sin[pos, freq]
         return q_s[qi.valid(ok)].store(x.cast(pdt))
     q_sh = q_s.after(sync(loop((gw * hd + T - 1) // T, stage_q, unroll=local)))

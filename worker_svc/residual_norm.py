@@ -17,6 +17,8 @@ from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 
+from worker_svc.tc_gemm import partials_at
+
 LANES = 32      # threads per warp
 MAX_WARPS = 16  # threads per row on GPUs: up to 512
 
@@ -47,7 +49,7 @@ def _residual_norm_kernel(x_out: UOp, normed: UOp, x: UOp, delta: UOp, weight: U
         # (the residual and S partials of each element) is issued at once: with one workgroup per row, a rolled loop
         # paid one memory latency per element
         ds = [jj * T + t for jj in range(D // T)]
-        vs = [x[r, d] + _sum([delta[s, r, d].cast(f32) for s in range(S)]) for d in ds]
+        vs = [x[r, d] + partials_at(delta, r, d) for d in ds]
         red = UOp.placeholder((T,), f32, 1, addrspace=AddrSpace.LOCAL)  # T shares -> each warp's sum -> the row's
         red = red.after(red[t].store(_sum([v * v for v in vs])).barrier())
         red2 = UOp.placeholder((W,), f32, 2, addrspace=AddrSpace.LOCAL)
@@ -65,7 +67,7 @@ def _residual_norm_kernel(x_out: UOp, normed: UOp, x: UOp, delta: UOp, weight: U
         acc = UOp.placeholder((1,), f32, 0, addrspace=AddrSpace.REG)
         acc = acc.after(acc.after(*outer)[0].store(0.0))
         j = UOp.range(D, 3, AxisType.REDUCE)
-        v = x[r, j] + _sum([delta[s, r, j].cast(f32) for s in range(S)])
+        v = x[r, j] + partials_at(delta, r, j)
         pass1 = UOp.group(x_out[r, j].store(v), acc[0].store(acc.after(j)[0] + v * v)).end(j)
         inv_rms = (acc.after(pass1)[0] * (1.0 / D) + eps).rsqrt()
         j2 = UOp.range(D, 4)

@@ -161,6 +161,16 @@ def _gemm_kernel(out: UOp, x: UOp, w: UOp, plan: GemmPlan, device: str) -> UOp:
     return UOp.group(*stores).end(*outer).sink(arg=KernelInfo(name=f"tc_gemm_{N}_{K}_{plan}", opts_to_apply=()))
 
 
+def partials_at(buf: UOp, row: UOp, col: UOp) -> UOp:
+    """In a kernel body, element (row, col) of a product in fp32: buf[row, col] for a whole (M, N) product, or the
+    sum over S of buf[:, row, col] for `tc_partials`' (S, M, N) partial products. How the kernels that read a
+    product (the K/V write, attention, worker_svc.residual_norm) add up its partials: no kernel of its own does."""
+    if len(buf.shape) == 2:
+        return buf[row, col].cast(dtypes.float)
+    parts = [buf[s, row, col].cast(dtypes.float) for s in range(buf.shape[0])]
+    return sum(parts[1:], parts[0])
+
+
 def tc_partials(x: Tensor, w: Tensor, plan: GemmPlan) -> Tensor:
     """x (M, K) @ w.T for w (N, K), both fp16, left as plan.split partial products over K: (split, M, N) in float32
     with a split, else (1, M, N) in x's dtype. For a consumer that adds them up itself (model.residual_norm)."""
