@@ -66,6 +66,10 @@ MEASURED_PLANS: dict[tuple[int, int, int], GemmPlan] = {
     (256, 5632, 2048): GemmPlan(8, 4, 1, 8, 2), (256, 2048, 11264): GemmPlan(4, 4, 4, 1),
     (2048, 5632, 2048): GemmPlan(4, 4, 1, 1), (2048, 2048, 11264): GemmPlan(4, 4, 4, 1),
     (2048, 2048, 2560): GemmPlan(4, 4, 2, 1),
+    # the O projection (K = N = 2048): bench/results/h200-s6-gemm-o.log (the heuristic: 14.5-104 us, up to 1.5x)
+    (16, 2048, 2048): GemmPlan(1, 4, 2, 8), (64, 2048, 2048): GemmPlan(1, 4, 4, 8),
+    (128, 2048, 2048): GemmPlan(2, 2, 2, 8), (256, 2048, 2048): GemmPlan(4, 8, 2, 8),
+    (2048, 2048, 2048): GemmPlan(4, 8, 2, 1),
 }
 TARGET_WARPS = 1024  # enough warps to keep every SM's loads in flight (H100/H200: 132 SMs)
 
