@@ -3,6 +3,7 @@ CUDA's m16n8k16 tensor core lane by lane (DEV=PYTHON::sm_80, read once at import
 plan rules."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,10 +15,13 @@ from shared.processes import ROOT
 from worker_svc.tc_gemm import MEASURED_PLANS, GemmPlan, heuristic_plan, plan_for
 
 # (lead dims of x, K, N, plan): one tile and several per warp, several warps, split K, a row count of 16, two chunks
-# of K per loop iteration (alone and with split K)
+# of K per loop iteration (alone and with split K); activations staged in shared memory (several warps and tiles,
+# more threads than 16-byte pieces to stage, with split K and unroll, several loop iterations: both buffers)
 CASES = [((32,), 64, 64, GemmPlan(2, 2, 2, 1)), ((2, 8), 128, 96, GemmPlan(1, 3, 2, 2)),
          ((64,), 64, 32, GemmPlan(4, 1, 2, 2)), ((16,), 256, 64, GemmPlan(1, 2, 1, 8)),
-         ((16,), 128, 32, GemmPlan(1, 2, 2, 1, 2)), ((32,), 256, 32, GemmPlan(2, 1, 1, 2, 2))]
+         ((16,), 128, 32, GemmPlan(1, 2, 2, 1, 2)), ((32,), 256, 32, GemmPlan(2, 1, 1, 2, 2)),
+         ((32,), 96, 64, GemmPlan(2, 2, 2, 1, staged=True)), ((16,), 64, 64, GemmPlan(1, 2, 4, 1, staged=True)),
+         ((32,), 256, 32, GemmPlan(2, 1, 2, 2, 2, staged=True))]
 
 EMULATED = """
 import json, sys
@@ -39,7 +43,7 @@ print(json.dumps(errors))
 
 
 def test_products_match_numpy_on_the_emulated_tensor_core():
-    cases = [[list(lead), K, N, [p.m_tiles, p.n_tiles, p.warps, p.split, p.unroll]] for lead, K, N, p in CASES]
+    cases = [[list(lead), K, N, dataclasses.astuple(p)] for lead, K, N, p in CASES]
     env = {**os.environ, "DEV": "PYTHON::sm_80", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", EMULATED, json.dumps(cases)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
