@@ -4,7 +4,9 @@ Everything runs on one asyncio loop, the gRPC server's, so sequence state needs 
 added while calls are in flight, and streaming and detokenization happen while the worker runs the next call.
 Calls are pipelined (scheduler.PIPELINE_DEPTH): while the worker runs call N, call N+1 is already on its way,
 planned from the state after N, so the worker never waits for this process. When N returns, its tokens are
-applied, call N+2 is sent, and only then are the new tokens streamed. All sequence state changes happen in the
+applied, call N+2 is sent, and only then are the new tokens streamed; but a prefill's first tokens are streamed
+before N+2 is planned (the worker has N+1 meanwhile), so a request's first token does not wait for the planning,
+encoding and sending of another call (1.2 ms of a streamed request's TTFT on the 2-core machine). All sequence state changes happen in the
 Scheduler (schedule, postprocess, discard); this module does the I/O.
 """
 from __future__ import annotations
@@ -288,7 +290,8 @@ class Engine:
                 self._execute(request, timeout=self.execute_timeout_s, metadata=self.metadata))))
 
     async def _settle(self, call: _Call) -> None:
-        """The oldest call returned: apply its tokens, send the next call, then stream; or handle its failure."""
+        """The oldest call returned: apply its tokens, send the next call, then stream (first tokens before the next
+        call); or handle its failure."""
         batch = call.batch
         try:
             response = call.task.result()
@@ -319,7 +322,16 @@ class Engine:
                            .reshape(batch.rows, batch.tokens, -1)
                            if batch.prompt_logprobs and response.prompt_logprobs else None)
         updates = self.scheduler.postprocess(batch, sampled, logprobs, prompt_logprobs)
-        self._send_ready()  # the worker gets its next call before the streams are fed
+        if batch.is_prefill:  # first tokens: their streams send them before the next call is planned and sent
+            self._feed(updates)
+            await asyncio.sleep(0)
+            self._send_ready()
+        else:  # the worker gets its next call before the streams are fed
+            self._send_ready()
+            self._feed(updates)
+
+    def _feed(self, updates) -> None:
+        """Puts each sequence's new tokens in its stream's outbox; its stream sends them when the loop next turns."""
         for seq, delta in updates:
             self.stats.tokens += len(delta.token_ids)
             seq.outbox.put_nowait(delta)
