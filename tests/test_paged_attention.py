@@ -180,3 +180,40 @@ def test_query_rotated_in_the_kernel_from_a_fused_qkv_row(device, parts):
     rotated = rotate(q.reshape(3, KV * G, hd).astype(np.float64), pos, cos, sin).reshape(q.shape)
     np.testing.assert_allclose(out.numpy().astype(np.float32), reference(rotated, pool, tables, pos, nb),
                                rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("device, parts, heads_per_group", [(None, 0, None), (None, 3, None), ("PYTHON", 2, None),
+                                                            ("PYTHON", 0, 1)])
+def test_decode_rows_take_their_new_token_from_qkv_and_write_it_to_the_pool(device, parts, heads_per_group):
+    """new_kv_slots: each row's own token (slot positions[b]) comes from the K and V columns of the QKV row, K
+    rotated, and lands in the pool at its slot for later steps; the pool's stale copy of that slot (NaN here) is
+    never read. On the PYTHON device also with the heads of a KV head split over two workgroups (one writes)."""
+    KV, G, hd, nb, B = 2, 2, 8, 5, 3
+    q, pool, tables, pos = make_inputs(B, KV, G, hd, np.float32, seed=9, positions=[0, 9, 17], num_blocks=nb)
+    rng = np.random.default_rng(10)
+    angles = np.outer(np.arange(32), rng.uniform(0.01, 1.0, hd // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    kv = rng.standard_normal((B, 2 * KV * hd)).astype(np.float32)
+    qkv = np.concatenate([q.reshape(B, -1), kv], 1)
+    slots = (tables[np.arange(B), pos // BS] * BS + pos % BS).astype(np.int32)
+    stale = pool.copy()
+    stale[:, slots] = np.nan
+    if parts:
+        split = rng.standard_normal((parts - 1, *qkv.shape)).astype(np.float32)
+        qkv = np.concatenate([split, (qkv - split.sum(0))[None]])
+    pool_t = Tensor(stale, device=device).realize()
+    kw = {"max_threads": 8, "heads_per_group": heads_per_group} if device else {}
+    out = paged_decode_attention(Tensor(qkv, device=device), pool_t, Tensor(tables, device=device),
+                                 Tensor(pos, device=device), nb, BS, KV, hd, num_heads=KV * G,
+                                 rope=(Tensor(cos, device=device), Tensor(sin, device=device)),
+                                 new_kv_slots=Tensor(slots, device=device), **kw).numpy()
+    want_pool = pool.copy()
+    want_pool[0, slots] = rotate(kv[:, :KV * hd].reshape(B, KV, hd).astype(np.float64), pos, cos, sin).reshape(B, -1)
+    want_pool[1, slots] = kv[:, KV * hd:]
+    rotated = rotate(q.reshape(B, KV * G, hd).astype(np.float64), pos, cos, sin).reshape(q.shape)
+    np.testing.assert_allclose(out, reference(rotated, want_pool, tables, pos, nb), **tolerance(np.float32))
+    written = pool_t.numpy()
+    np.testing.assert_allclose(written[:, slots], want_pool[:, slots], rtol=1e-5, atol=1e-5)
+    untouched = np.ones(written.shape[1], bool)
+    untouched[slots] = False
+    np.testing.assert_array_equal(written[:, untouched], stale[:, untouched])  # NaN-equal: nothing else written
