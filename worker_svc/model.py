@@ -152,17 +152,12 @@ class LlamaModel:
         # one fused kernel per layer rotates q and reads K and V in place through the block table. A prefill
         # chunk's T tokens are T query rows of that kernel sharing their sequence's table row: causal attention is
         # each token's own position mask, and the chunk's keys are in the pool before it runs (cache.write)
-        def attention(qkv: Tensor, layer: int, pool: Tensor | None = None) -> Tensor:
-            """qkv: the QKV product's (B * T, N) rows, or (S, B * T, N) partial products of them. Decode rows
-            (T = 1): the kernel also writes the tokens' K and V into the pool (no write kernel); a prefill chunk's
-            queries read each other's keys, which the K/V write kernel puts in the pool first."""
-            if pool is None and T > 1:
-                pool = self.cache.write(layer, qkv, q_dim, self.rope_cos, self.rope_sin, flat_positions, flat_slots)
-            out = paged_decode_attention(qkv, self.cache.pools[layer] if pool is None else pool, block_tables,
-                                         flat_positions, num_blocks, self.cache.block_size, KV, hd, num_heads=H,
+        def attention(qkv: Tensor, pool: Tensor) -> Tensor:
+            """qkv: the QKV product's (B * T, N) rows, or (S, B * T, N) partial products of them."""
+            out = paged_decode_attention(qkv, pool, block_tables, flat_positions, num_blocks,
+                                         self.cache.block_size, KV, hd, num_heads=H,
                                          rope=(self.rope_cos, self.rope_sin), out_dtype=self.cache.dtype,
-                                         queries_per_table=T, table_offset=table_offset,
-                                         new_kv_slots=flat_slots if pool is None else None)
+                                         queries_per_table=T, table_offset=table_offset)
             return out.reshape(B, T, q_dim)
 
         eps = cfg.rms_norm_eps
@@ -176,7 +171,7 @@ class LlamaModel:
                 qkv, pool = gemv.gemv_qkv(x, layer.wqkv, self.gemv_plan(layer.wqkv), (layer.attn_norm, eps),
                                           self.cache.pools[i], (self.rope_cos, self.rope_sin), flat_positions,
                                           flat_slots, q_dim, hd)
-                attn = attention(qkv.reshape(1, -1), i, pool).reshape(q_dim)
+                attn = attention(qkv.reshape(1, -1), pool).reshape(q_dim)
                 x = gemv.gemv(attn, layer.wo, self.gemv_plan(layer.wo), residual=x)
                 gate_up = gemv.gemv(x, layer.w_gate_up, self.gemv_plan(layer.w_gate_up), norm=(layer.mlp_norm, eps))
                 x = gemv.gemv(gate_up, layer.w_down, self.gemv_plan(layer.w_down), swiglu=True, residual=x)
@@ -185,7 +180,8 @@ class LlamaModel:
         if not many:  # 2-15 rows: matrix-vector work, each norm fused into the product after it
             for i, layer in enumerate(w.layers):
                 qkv = norm_project(x, layer.attn_norm, layer.wqkv, eps).reshape(B * T, -1)
-                x = x + self.project(attention(qkv, i), layer.wo).float()
+                pool = self.cache.write(i, qkv, q_dim, self.rope_cos, self.rope_sin, flat_positions, flat_slots)
+                x = x + self.project(attention(qkv, pool), layer.wo).float()
                 gate, up = norm_project(x, layer.mlp_norm, layer.w_gate_up, eps).chunk(2, dim=-1)
                 x = x + self.project(gate.silu() * up, layer.w_down).float()
             return x
@@ -197,7 +193,8 @@ class LlamaModel:
         h = rms_norm(x, layers[0].attn_norm, eps, materialize=True)
         for i, layer in enumerate(layers):
             qkv = self.partial_products(h, layer.wqkv)
-            attn = attention(qkv, i)  # (B, T, q_dim) in the weights' dtype, ready for the output projection
+            pool = self.cache.write(i, qkv, q_dim, self.rope_cos, self.rope_sin, flat_positions, flat_slots)
+            attn = attention(qkv, pool)  # (B, T, q_dim) in the weights' dtype, ready for the output projection
             x, h = residual_norm(x, self.partial_products(attn, layer.wo), layer.mlp_norm, eps)
             # SwiGLU straight from the gate/up product's partials: one kernel sums gate's and up's (a summed
             # product that both halves read is a kernel of its own)

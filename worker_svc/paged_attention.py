@@ -18,10 +18,6 @@ Work layout on GPUs (`Renderer.has_local`):
       4. thread (r, d) accumulates p * V[slot, d] over slots r, r + R, ... from shared memory; the old partial sums
          are rescaled by exp(m_old - m_new). The R slot groups' sums are added through shared memory at the end.
   * masked slots (s > position, or past num_blocks * block_size) are never loaded: their loads are gated.
-  * decode rows (`new_kv_slots`): a row's own new token is staged once per workgroup from the QKV product (K
-    rotated) and used for its slot instead of the pool; the workgroup of its KV head's first head group stores it
-    in the pool: no K/V write kernel (22 launches a TinyLlama decode step). A prefill chunk's tokens read each other's keys, so there the write kernel
-    (worker_svc.kv_cache) runs first.
   * T = 128 threads, or 64 once B * KV workgroups fill the GPU (measured faster there); fewer where shared memory
     is short (Metal's 32 KiB). The grid is (B, KV, G / Gw) whatever num_blocks is, so CUDA graphs that tinygrad
     builds with every variable set to 0 still get a valid launch (upstream issue #9065 does not apply).
@@ -55,11 +51,10 @@ of 128 threads (context 1024: 111.5 -> 71.7 us); batch 256 (1,024 workgroups) is
 
 
 def _smem_bytes(T: int, C: int, hd: int, gw: int, kstride: int, itemsize: int) -> int:
-    """Shared memory of one workgroup: K (padded rows), V, q, a new token's K and V, scores, p, strip maxima,
-    partial sums."""
+    """Shared memory of one workgroup: K (padded rows), V, q, scores, p, strip maxima, partial sums."""
     R = T // math.gcd(T, hd)
     red = 4 * R * gw * hd if R > 1 else 0
-    return (C * kstride + C * hd + gw * hd + 2 * hd) * itemsize + 4 * (2 * gw * C + T + R * gw) + red
+    return (C * kstride + C * hd + gw * hd) * itemsize + 4 * (2 * gw * C + T + R * gw) + red
 
 
 def _plan(B: int, KV: int, G: int, hd: int, itemsize: int, max_threads: int, smem_max: int,
@@ -89,11 +84,9 @@ def _plan(B: int, KV: int, G: int, hd: int, itemsize: int, max_threads: int, sme
 @functools.lru_cache(maxsize=64)
 def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions: UOp, rope_cos: UOp | None,
                              rope_sin: UOp | None, num_blocks: UOp | int, block_size: int, T: int, gw: int,
-                             kstride: int, queries_per_table: int = 1, table_offset: int = 0,
-                             new_slots: UOp | None = None) -> UOp:
+                             kstride: int, queries_per_table: int = 1, table_offset: int = 0) -> UOp:
     """The kernel body (see the module docstring). `num_blocks` is an int or the ALU PARAM of the bound variable.
-    q is (B, N) with the query heads in its first KV * G * hd columns; with rope tables it is rotated here. With
-    new_slots, K and V follow the query heads in q: see paged_decode_attention's new_kv_slots."""
+    q is (B, N) with the query heads in its first KV * G * hd columns; with rope tables it is rotated here."""
     B, KV, G, hd = out.shape
     pdt: DType = pool.dtype
     f32, wi = dtypes.float32, dtypes.weakint
@@ -130,8 +123,6 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
 
     S = num_blocks * block_size
     pool_blocks = pool.shape[1] // block_size
-    q_heads = KV * G * hd  # q's columns of query heads; K and V follow them with new_slots
-    assert new_slots is None or (rope_cos is not None and queries_per_table == 1), "new K/V: decode rows with RoPE"
     limit = (positions[b].cast(wi) + 1).minimum(S)  # slot s is visible iff s < limit
     table_row = b // queries_per_table if queries_per_table > 1 else b
     scale = 1.0 / math.sqrt(hd)
@@ -174,35 +165,7 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
             partner = partials_at(q, b, first.where(col + half, col - half))
             x = x * rope_cos[pos, freq] + first.where(-partner, partner) * rope_sin[pos, freq]
         return q_s[qi.valid(ok)].store(x.cast(pdt))
-    staged = [loop((gw * hd + T - 1) // T, stage_q, unroll=local)]
-    new_sh = None
-    if new_slots is not None:
-        # the row's own new token, once per workgroup: rope(K) then V (2 * hd values, one a lane and pass) from q's
-        # K and V columns, rounded to the pool dtype as kv_cache's write kernel stores them, into shared memory for
-        # the chunk that holds its slot; the workgroup of the KV head's first head group also stores it in the pool
-        n_s = UOp.placeholder((2 * hd,), pdt, 8, addrspace=space)
-        slot = new_slots[b].cast(wi).maximum(0).minimum(pool.shape[1] - 1)
-        pos = positions[b].cast(wi).maximum(0).minimum(rope_cos.shape[0] - 1)
-        half = hd // 2
-
-        def stage_new(i: UOp) -> UOp:
-            e = i * T + lane
-            ok = e < 2 * hd
-            is_v, d = e // hd, e % hd
-            first = d < half
-            col = (q_heads + is_v * KV * hd + h * hd + d).valid(ok)
-            x = partials_at(q, b, col)
-            partner = partials_at(q, b, first.where(col + half, col - half).valid(ok & is_v.eq(0)))
-            freq = first.where(d, d - half).valid(ok & is_v.eq(0))
-            rotated = x * rope_cos[pos, freq] + first.where(-partner, partner) * rope_sin[pos, freq]
-            value = is_v.eq(0).where(rotated, x).cast(pdt)
-            mine = ok & gs.eq(0) if gs.op is Ops.RANGE else ok
-            return UOp.group(n_s[e.valid(ok)].store(value), pool[is_v, slot, (h * hd + d).valid(mine)].store(value))
-        staged.append(loop((2 * hd + T - 1) // T, stage_new, unroll=local))
-    ready = sync(*staged)
-    q_sh = q_s.after(ready)
-    if new_slots is not None:
-        new_sh = n_s.after(ready)
+    q_sh = q_s.after(sync(loop((gw * hd + T - 1) // T, stage_q, unroll=local)))
 
     init = UOp.group(*[m_r.after(*outer)[g].store(NEG_BIG) for g in range(gw)],
                      *[l_r.after(*outer)[g].store(0.0) for g in range(gw)],
@@ -218,18 +181,12 @@ def _decode_attention_kernel(out: UOp, q: UOp, pool: UOp, tables: UOp, positions
         c, e0 = flat // hd, flat % hd
         inside = flat < C * hd
         ok = inside & (base + c < limit)
-        if new_sh is None:
-            row = row_of(base + c, ok).valid(ok)
-            kv = [(pool[0, row, h * hd + e0 + u], pool[1, row, h * hd + e0 + u]) for u in range(VEC)]
-        else:  # the row's own new token from the staged copy, not the pool (which does not hold it yet)
-            cur = ok & (base + c).eq(positions[b].cast(wi))
-            old = ok & cur.logical_not()
-            row = row_of(base + c, old).valid(old)
-            kv = [(cur.where(new_sh[(e0 + u).valid(cur)], pool[0, row, h * hd + e0 + u]),
-                   cur.where(new_sh[(hd + e0 + u).valid(cur)], pool[1, row, h * hd + e0 + u])) for u in range(VEC)]
+        row = row_of(base + c, ok).valid(ok)
         # masked slots store zeros (a gated load reads 0): stale V there would give 0 * NaN in P @ V
-        return UOp.group(*[k_s[(c * kstride + e0 + u).valid(inside)].store(kv[u][0]) for u in range(VEC)],
-                         *[v_s[(c * hd + e0 + u).valid(inside)].store(kv[u][1]) for u in range(VEC)])
+        return UOp.group(*[k_s[(c * kstride + e0 + u).valid(inside)].store(pool[0, row, h * hd + e0 + u])
+                           for u in range(VEC)],
+                         *[v_s[(c * hd + e0 + u).valid(inside)].store(pool[1, row, h * hd + e0 + u])
+                           for u in range(VEC)])
     kv_ready = sync(loop((C * hd + T * VEC - 1) // (T * VEC), stage_kv, unroll=local))
     k_sh, v_sh = k_s.after(kv_ready), v_s.after(kv_ready)
 
@@ -353,8 +310,7 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
                            block_size: int, num_kv_heads: int, head_dim: int, num_heads: int | None = None,
                            rope: tuple[Tensor, Tensor] | None = None, out_dtype: DType = dtypes.float32,
                            max_threads: int | None = None, heads_per_group: int | None = None,
-                           queries_per_table: int = 1, table_offset: int = 0,
-                           new_kv_slots: Tensor | None = None) -> Tensor:
+                           queries_per_table: int = 1, table_offset: int = 0) -> Tensor:
     """softmax(q.k / sqrt(hd)) @ v over each row's visible slots, read in place from the paged pool, in one kernel.
 
     q: (B, KV, G, hd), or (B, N) whose first num_heads * hd columns are the query heads (the fused QKV projection's
@@ -372,12 +328,7 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
     with its own position: block_tables then has B / queries_per_table rows). Causal attention within the chunk
     is the position mask; the chunk's keys must be in the pool already.
     table_offset: the tables start at this column of block_tables (the runner's packed metadata, read in place:
-    a (B, W) slice of it would be a copy kernel of its own).
-    new_kv_slots: (B,) int32, decode rows only (queries_per_table 1), with rope: q is the fused QKV product, its K
-    and V heads after the num_heads query heads. Each row's own new token (slot positions[b]) is then read from q,
-    K rotated, instead of from the pool, and the kernel also stores that rope(K) and V in the pool at
-    new_kv_slots[b] for the steps after: the decode step needs no K/V write kernel of its own. The pool is
-    written in place."""
+    a (B, W) slice of it would be a copy kernel of its own)."""
     KV, hd = num_kv_heads, head_dim
     if q.ndim == 4:
         B, _, G, _ = q.shape
@@ -395,15 +346,11 @@ def paged_decode_attention(q: Tensor, pool: Tensor, block_tables: Tensor, positi
     threads = max_threads if renderer.has_local else 1
     T, gw, kstride = _plan(B, KV, G, hd, pool.dtype.itemsize, threads, renderer.shared_max, heads_per_group)
     out = Tensor.empty(B, KV, G, hd, dtype=out_dtype, device=pool.device)
-    if new_kv_slots is not None:
-        assert rope is not None and queries_per_table == 1 and new_kv_slots.shape == (B,), "new K/V: decode rows"
-        assert q.shape[-1] >= (KV * G + 2 * KV) * hd, f"q {q.shape} holds no K and V after its query heads"
-    slots = [] if new_kv_slots is None else [new_kv_slots.cast(dtypes.int32)]
-    ins = [out, q, pool, block_tables.cast(dtypes.int32), positions.cast(dtypes.int32), *(rope or ()), *slots]
+    ins = [out, q, pool, block_tables.cast(dtypes.int32), positions.cast(dtypes.int32), *(rope or ())]
 
     def fxn(o: UOp, qq: UOp, p: UOp, t: UOp, pos: UOp, *rest: UOp | int) -> UOp:
-        *extra, nb = rest
-        cos, sin = extra[:2] if rope else (None, None)
+        *tables, nb = rest
+        cos, sin = tables if tables else (None, None)
         return _decode_attention_kernel(o, qq, p, t, pos, cos, sin, nb, block_size, T, gw, kstride, queries_per_table,
-                                        table_offset, extra[2] if slots else None)
+                                        table_offset)
     return _custom_kernel_with_var(ins, fxn, num_blocks)[0]
