@@ -6,8 +6,8 @@ Calls are pipelined (scheduler.PIPELINE_DEPTH): while the worker runs call N, ca
 planned from the state after N, so the worker never waits for this process. When N returns, its tokens are
 applied, call N+2 is sent, and only then are the new tokens streamed; but a prefill's first tokens are streamed
 before N+2 is planned (the worker has N+1 meanwhile), so a request's first token does not wait for the planning,
-encoding and sending of another call (1.2 ms of a streamed request's TTFT on the 2-core machine). All sequence state changes happen in the
-Scheduler (schedule, postprocess, discard); this module does the I/O.
+encoding and sending of another call (1.2 ms of a streamed request's TTFT on the 2-core machine). All sequence
+state changes happen in the Scheduler (schedule, postprocess, discard); this module does the I/O.
 """
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ MEASURED_PLANS: dict[tuple[int, int, int], GemmPlan] = {
     (16, 5632, 2048): GemmPlan(1, 2, 1, 4, 2), (16, 2048, 11264): GemmPlan(1, 4, 2, 8),
     (16, 2048, 2560): GemmPlan(1, 2, 4, 8, 2),
     # staged plans: 10-32% faster than the unstaged ones they replace, timed in the same rounds with warm clocks
-    # (bench/results/h200-s6-gemm-staged-rounds.log; at 128 rows QKV, O and gate+up kept theirs: within 3%)
+    # (bench/results/h200-s6-gemm-staged-rounds.log; O at 64 rows: as fast as the first sweep's best, 15.0 us;
+    # at 128 rows QKV, O and gate+up kept theirs: within 3%)
     (64, 5632, 2048): GemmPlan(4, 2, 4, 8, 2, staged=True), (64, 2048, 11264): GemmPlan(4, 4, 4, 4, 2, staged=True),
     (64, 2048, 2560): GemmPlan(4, 2, 8, 8, 2, staged=True),
     (128, 5632, 2048): GemmPlan(4, 2, 8, 8, 2, staged=True), (128, 2048, 11264): GemmPlan(2, 2, 1, 1, 2),
@@ -165,16 +166,16 @@ def _gemm_kernel(out: UOp, x: UOp, w: UOp, plan: GemmPlan, device: str, stage_dt
             ok = p < pieces if pieces % threads else None
             uu, row, q = p // (BM * 4), (p // 4) % BM, p % 4
             k = sp * Ks + (kk * U + uu) * CHUNK + q * 8
-            stage += [a_s[(buf + p * 8 + e) if ok is None else (buf + p * 8 + e).valid(ok)].store(x[m0 + row, k + e].cast(sdt))
-                      for e in range(8)]
+            for e in range(8):
+                at = buf + p * 8 + e
+                stage.append(a_s[at if ok is None else at.valid(ok)].store(x[m0 + row, k + e].cast(sdt)))
         a_sh = a_s.after(UOp.group(*stage).barrier())
     for uu in range(U):
         k0 = sp * Ks + (kk * U + uu) * CHUNK + t * 8
         # a[i][h][u]: row g + 8h of A tile i, k = k0 + u; b[j][u]: row g of W tile j
         if plan.staged:
             a = [[[a_sh[buf + ((uu * BM + i * 16 + h * 8 + g) * 4 + t) * 8 + u].cast(x.dtype) for u in range(8)]
-                  for h in range(2)]
-                 for i in range(TM)]
+                  for h in range(2)] for i in range(TM)]
         else:
             a = [[[x[m0 + i * 16 + h * 8 + g, k0 + u] for u in range(8)] for h in range(2)] for i in range(TM)]
         b = [[w[n0 + j * 8 + g, k0 + u] for u in range(8)] for j in range(TN)]
