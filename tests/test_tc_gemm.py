@@ -72,3 +72,14 @@ def test_heuristic_plans_fit_and_fill_the_gpu(M, K, N):
 def test_no_plan_where_the_tiles_do_not_fit(M, K, N):
     """Rows not a multiple of 16, columns not of 8, K not of 32: the model keeps tinygrad's product."""
     assert plan_for(M, K, N) is None
+
+
+def test_plan_names_parse_back_and_staged_candidates_fit():
+    """`bench.gemm --plans-from` reads plans back from their names (str), staged and unrolled ones included."""
+    from bench.gemm import parse_plan, staged_candidates
+
+    for plan in [*MEASURED_PLANS.values(), GemmPlan(1, 2, 4, 8, 2, staged=True), GemmPlan(8, 1, 8, 1)]:
+        assert parse_plan(str(plan)) == plan
+    for M, K, N in [(64, 5632, 2048), (128, 2048, 11264)]:
+        plans = staged_candidates(M, K, N)
+        assert plans and all(p.staged and p.fits(M, K, N) for p in plans)
