@@ -237,9 +237,9 @@ def _run_role(role: str) -> None:
 PATH = [
     ("client sends Generate", "c_send", "client"),
     ("scheduler's Generate handler runs", "s_generate", "scheduler"),
-    ("validated; tokenizing (in a thread)", "s_tokenize", "scheduler"),
+    ("validated; tokenizing (a thread if large)", "s_tokenize", "scheduler"),
     ("tokenized", "s_tokenized", "scheduler"),
-    ("back on the loop, sequences made", "s_sequences", "scheduler"),
+    ("on the loop, sequences made", "s_sequences", "scheduler"),
     ("submitted", "s_submitted", "scheduler"),
     ("engine loop wakes (_send_ready)", "s_send_ready", "scheduler"),
     ("planned; encode_batch starts", "s_encode", "scheduler"),
